@@ -1,0 +1,50 @@
+# remask: `make test` and `make train` on a fresh clone build .venv from requirements.txt first.
+# `make ... PYTHON=/path/to/python` uses an interpreter that already has torch (e.g. a GPU box) instead.
+PYTHON ?= .venv/bin/python
+VENV_PYTHON := .venv/bin/python
+# The venv is a prerequisite only when it is the interpreter in use.
+ENV := $(if $(filter $(VENV_PYTHON),$(PYTHON)),.venv/installed)
+ARGS ?=
+
+.PHONY: help test train bench data quantize eval compare clean
+
+help:
+	@echo "make test                      run the test suite (builds .venv on first use)"
+	@echo "make train [ARGS='--flag ...']  fine-tune; no ARGS = the embedded CPU demo"
+	@echo "make bench                     throughput benchmarks on the current device"
+	@echo "make data                      download the recipe's datasets and GSM8K into data/"
+	@echo "make quantize MODEL=DIR OUT=DIR  LLM.int8 8-bit copy of a checkpoint"
+	@echo "make eval MODEL=DIR DATA=DIR   GSM8K 5-shot strict-match (DATA holds gsm8k test/train .jsonl)"
+	@echo "make compare                   SFT vs Masked Thought vs ReMask on the embedded task"
+
+.venv/installed: requirements.txt
+	python3 -m venv .venv
+	.venv/bin/pip install --upgrade -r requirements.txt
+	touch $@
+
+test: $(ENV)
+	$(PYTHON) -m pytest
+
+train: $(ENV)
+	$(PYTHON) remask.py train $(ARGS)
+
+bench: $(ENV)
+	$(PYTHON) tests/bench.py $(ARGS)
+
+data: $(ENV)
+	$(PYTHON) data.py download all --out data
+
+quantize: $(ENV)
+	@test -n "$(MODEL)" -a -n "$(OUT)" || { echo "usage: make quantize MODEL=IN_DIR OUT=OUT_DIR"; exit 2; }
+	$(PYTHON) quantize.py $(MODEL) $(OUT) $(ARGS)
+
+eval: $(ENV)
+	@test -n "$(MODEL)" || { echo "usage: make eval MODEL=DIR [DATA=data]"; exit 2; }
+	$(PYTHON) remask.py eval gsm8k --model $(MODEL) --data $(or $(DATA),data)/gsm8k-test.jsonl \
+		--fewshot-data $(or $(DATA),data)/gsm8k-train.jsonl $(ARGS)
+
+compare: $(ENV)
+	$(PYTHON) remask.py compare $(ARGS)
+
+clean:
+	rm -rf .venv .pytest_cache __pycache__ tests/__pycache__
