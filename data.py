@@ -1,4 +1,843 @@
-"""data.py: tokenizer, prompt formats, dataset readers and downloader, and the ReMask masking pipeline.
+"""data.py: which tokens ReMask shows the model and which it grades, made exact, inspectable and reproducible.
 
-(Being written.)
+The pipeline, top to bottom:
+  tokenizer   `load_tokenizer(dir)` loads a Hugging Face `tokenizer.json` with `tokenizers` and adds the five
+              tags <|user|> <|assistant|> <|rationale|> <|answer|> <|mask|> as special tokens when missing.
+              `len(tok)` is the number of embedding rows the tokenizer needs (the caller grows the model if short).
+  formats     chat  <|user|>\\n{user}\\n<|assistant|>\\n{assistant}\\n<|user|>\\n ... ending with <|user|>
+              CoT   <|user|>\\n{prompt}\\n<|rationale|>\\n{rationale}\\n<|answer|>\\n{answer}\\n<|user|>
+              `encode(record, tok)` tokenizes the whole string once and gives every token a role (tag, prompt,
+              response, rationale, answer) and a target flag, from the character offsets of that one encoding.
+  readers     TinyCoT (prompt, rationale, target), reddit-instruct-curated (post_title, post_text, comment_text),
+              oasst2_curated (messages of {role, content}); JSON Lines or a JSON array; the schema is detected
+              from a row's keys. `load_dataset("a.jsonl,b.jsonl:1000", tok, seq_len)` reads a mixture, samples
+              ":N" rows with the seed, encodes, and drops (or truncates) examples longer than seq_len.
+  download    `python data.py download NAME|all --out DIR` via the dataset viewer's /rows API (stdlib only).
+  masking     `mask_example(ex, tok, MaskConfig, seed, epoch, index)`: a pure function of (seed, epoch, index).
+  batching    `collate` right-pads to a multiple of 8; `Loader` yields each optimizer step's micro-batches for
+              one data-parallel rank, in a seeded order per epoch, from any (epoch, step) on.
+  embedded    `embedded_dataset(seed, n_train, n_eval, digits)`: synthetic chain-of-thought addition plus short
+              chat pairs, held-out problems, and a small BPE tokenizer trained here and cached on disk.
+  show        `render(ex, tok, item)` and `python data.py show SPEC --tokenizer DIR`: the text with labels and
+              masks marked.
+
+Conventions other modules rely on: labels are aligned with input_ids (Hugging Face convention; the loss shifts
+them), -100 where there is no label; kl_mask is aligned the same way and marks the target positions before any
+label dropping; padding id 0 on the right; no BOS is prepended (GPT-NeoX has none).
+
+Deliberately left out: GSM8K parsing (remask.py's evaluation reads its two fields itself), streaming datasets
+larger than memory, worker processes (masking and padding 16 examples takes ~2 ms of CPU, far below a
+training step).
+
+References: the ReMask-3B model card (formats and mask rates); REFERENCE.md sections 2-4; Masked Thought
+(arXiv 2403.02178) for random-token masking; the Hugging Face dataset viewer API (/rows).
 """
+import argparse
+import hashlib
+import http.client
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import tokenizers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+
+TAGS = ("<|user|>", "<|assistant|>", "<|rationale|>", "<|answer|>", "<|mask|>")
+EOS = "<|endoftext|>"
+PAD_ID = 0  # right padding id (REFERENCE.md section 3); never a label, so any id would do
+IGNORE = -100  # label of a position without a target (torch's cross_entropy ignore_index)
+
+# Token roles. Content roles are numerically above TAG: a token's role is the largest role among its characters,
+# so a token that merges a framing newline with content counts as content.
+TAG, PROMPT, RESPONSE, RATIONALE, ANSWER = range(5)
+ROLE_NAMES = ("tag", "prompt", "response", "rationale", "answer")
+
+
+class DataError(ValueError):
+    """Bad input data or tokenizer; the message names the file, line and field."""
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` with the five tags as special tokens and the ids the pipeline needs."""
+
+    def __init__(self, tk: tokenizers.Tokenizer, name: str = "tokenizer"):
+        tk.no_truncation()  # some hub files enable truncation/padding, which would silently cut examples
+        tk.no_padding()
+        added = tk.get_added_tokens_decoder()
+        special = {t.content for t in added.values() if t.special}
+        self.added_tags = [t for t in TAGS if t not in special]  # tags this tokenizer lacked (reported by callers)
+        tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in self.added_tags])
+        self.tk = tk
+        self.user_id, self.assistant_id, self.rationale_id, self.answer_id, self.mask_id = (
+            tk.token_to_id(t) for t in TAGS)
+        self.eos_id = tk.token_to_id(EOS)
+        if self.eos_id is None:
+            raise DataError(f"{name}: has no {EOS} token (the end-of-text id StableLM uses)")
+        self.pad_id = PAD_ID
+        # The offsets that assign roles must cover whole tokens: GPT-NeoX's ByteLevel post-processor trims
+        # whitespace from them, so roles come from a copy without a post-processor. With add_special_tokens=False
+        # a post-processor never changes ids, so both give the same ids (tested).
+        self._spans = tokenizers.Tokenizer.from_str(tk.to_str())
+        self._spans.post_processor = None
+        self._rows = max(max(tk.get_vocab(with_added_tokens=True).values()) + 1, tk.get_vocab_size(True))
+        specials = {i for i, t in tk.get_added_tokens_decoder().items() if t.special}
+        # Random-token masking draws from ordinary tokens only: a random <|user|> would fake the format.
+        self.ordinary_ids = np.array(
+            [i for i in range(self._rows) if i not in specials and tk.id_to_token(i) is not None])
+
+    def __len__(self) -> int:
+        """Embedding rows this tokenizer needs: the largest id plus one, added tokens included."""
+        return self._rows
+
+    def encode(self, text: str) -> list[int]:
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self.tk.decode(list(ids), skip_special_tokens=False)
+
+    def save(self, directory) -> Path:
+        """Write `directory/tokenizer.json` atomically (tags included), so the directory reloads the same."""
+        path = Path(directory) / "tokenizer.json"
+        _atomic_write(path, self.tk.to_str(pretty=True).encode())
+        return path
+
+
+def load_tokenizer(path) -> Tokenizer:
+    """Load a model directory's tokenizer.json (or the file itself) and add the tags it lacks."""
+    path = Path(path).expanduser()
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        raise DataError(f"{file}: not found (a Hugging Face model directory holds a tokenizer.json)")
+    text = file.read_text(encoding="utf-8", errors="replace")
+    try:
+        json.loads(text)  # json's message says where the file breaks; the tokenizers library's does not
+    except json.JSONDecodeError as e:
+        raise DataError(f"{file}: not valid JSON (line {e.lineno} column {e.colno}: {e.msg})") from None
+    try:
+        tk = tokenizers.Tokenizer.from_str(text)
+    except Exception as e:  # the binding raises plain Exception
+        raise DataError(f"{file}: not a tokenizer the `tokenizers` library can load: {e}") from None
+    return Tokenizer(tk, str(file))
+
+
+# ----------------------------------------------------------------------------- formats and encoding
+
+@dataclass
+class ChatRecord:
+    turns: list  # [(user, assistant), ...] stripped, non-empty strings; the conversation starts with the user
+
+
+@dataclass
+class CoTRecord:
+    prompt: str  # the question
+    rationale: str  # the reasoning, graded but partly label-droppable
+    answer: str  # the direct answer, never masked or dropped
+
+
+@dataclass
+class Encoded:
+    ids: torch.Tensor  # (T,) int64 token ids, equal to the tokenizer's encoding of format_record(record)
+    roles: torch.Tensor  # (T,) int8, one of TAG PROMPT RESPONSE RATIONALE ANSWER
+    targets: torch.Tensor  # (T,) bool, the token is a label (predicted from the positions before it)
+    cot: bool  # a chain-of-thought example (rationale label dropping applies)
+
+
+def _segments(record) -> list:
+    """(text, role, target) pieces whose concatenation is the formatted example."""
+    u, a, r, ans = TAGS[:4]
+    if isinstance(record, CoTRecord):
+        return [(u, TAG, False), ("\n", TAG, False), (record.prompt, PROMPT, False), ("\n", TAG, False),
+                (r, TAG, False), ("\n", TAG, False), (record.rationale, RATIONALE, True), ("\n", TAG, True),
+                (ans, TAG, True), ("\n", TAG, True), (record.answer, ANSWER, True), ("\n", TAG, True),
+                (u, TAG, True)]
+    segs = [(u, TAG, False)]
+    for user, assistant in record.turns:
+        segs += [("\n", TAG, False), (user, PROMPT, False), ("\n", TAG, False), (a, TAG, False), ("\n", TAG, False),
+                 (assistant, RESPONSE, True), ("\n", TAG, True), (u, TAG, True)]
+    return segs
+
+
+def format_record(record) -> str:
+    return "".join(text for text, _, _ in _segments(record))
+
+
+def chat_prompt(history: list, user: str) -> str:
+    """The prompt side of a chat turn: earlier (user, assistant) turns, then `user`, ending '<|assistant|>\\n'."""
+    start = format_record(ChatRecord(history)) if history else TAGS[0]
+    return f"{start}\n{user.strip()}\n{TAGS[1]}\n"
+
+
+def cot_prompt(prompt: str) -> str:
+    """The prompt side of a CoT example, ending '<|rationale|>\\n'; the model writes the rest."""
+    return f"{TAGS[0]}\n{prompt.strip()}\n{TAGS[2]}\n"
+
+
+def extract_answer(completion: str):
+    """The answer a CoT completion gives: the text after <|answer|> up to <|user|> or the end, or None."""
+    if TAGS[3] not in completion:
+        return None
+    return completion.split(TAGS[3], 1)[1].split(TAGS[0], 1)[0].replace(EOS, "").strip()
+
+
+def encode_many(records: list, tok: Tokenizer) -> list:
+    """Encode each record with one whole-string tokenization; roles and targets come from the token offsets."""
+    segments = [_segments(r) for r in records]
+    texts = ["".join(t for t, _, _ in segs) for segs in segments]
+    out = []
+    for record, segs, enc in zip(records, segments, tok._spans.encode_batch(texts, add_special_tokens=False)):
+        lengths = [len(t) for t, _, _ in segs]
+        # per character, plus a sentinel so an end offset may equal the text length
+        char_role = np.append(np.repeat([r for _, r, _ in segs], lengths), TAG).astype(np.int8)
+        char_target = np.append(np.repeat([g for _, _, g in segs], lengths), False)
+        spans = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)  # (T, 2) [start, end) in characters
+        # max over each token's characters in one call: reduceat on interleaved (start, end) pairs reduces
+        # [start, end) at even positions (byte pieces of one character share its span, which is fine)
+        bounds = spans.reshape(-1)
+        role = np.maximum.reduceat(char_role, bounds)[::2]
+        target = np.logical_or.reduceat(char_target, bounds)[::2]
+        out.append(Encoded(torch.tensor(enc.ids, dtype=torch.int64), torch.from_numpy(role.copy()),
+                           torch.from_numpy(target.copy()), isinstance(record, CoTRecord)))
+    return out
+
+
+def encode(record, tok: Tokenizer) -> Encoded:
+    return encode_many([record], tok)[0]
+
+
+def fit_length(examples: list, seq_len: int, truncate: bool = False):
+    """Drop examples longer than seq_len (or cut them to it); returns (kept, number dropped).
+    A cut example that keeps no label is dropped too: it would teach nothing."""
+    kept, dropped = [], 0
+    for ex in examples:
+        if len(ex.ids) > seq_len:
+            if not truncate:
+                dropped += 1
+                continue
+            ex = Encoded(ex.ids[:seq_len], ex.roles[:seq_len], ex.targets[:seq_len], ex.cot)
+            if not ex.targets.any():
+                dropped += 1
+                continue
+        kept.append(ex)
+    return kept, dropped
+
+
+# ----------------------------------------------------------------------------- readers
+
+RESERVED = TAGS + (EOS,)  # strings that would tokenize as control ids inside content
+
+
+def _text(row: dict, key: str, where: str = "", required: bool = True) -> str:
+    name = f"{where}{key}"
+    if key not in row or row[key] is None:
+        if required:
+            raise DataError(f"missing field '{name}'")
+        return ""
+    value = row[key]
+    if not isinstance(value, str):
+        raise DataError(f"field '{name}' must be a string, got {type(value).__name__}")
+    value = value.strip()  # the format puts its own newlines around every field
+    if required and not value:
+        raise DataError(f"field '{name}' is empty")
+    for tag in RESERVED:
+        if tag in value:
+            raise DataError(f"field '{name}' contains the reserved token {tag}")
+    return value
+
+
+def parse_row(row) -> ChatRecord | CoTRecord:
+    """One dataset row -> ChatRecord or CoTRecord; the schema is recognised from the keys."""
+    if not isinstance(row, dict):
+        raise DataError(f"a row must be a JSON object, got {type(row).__name__}")
+    if {"prompt", "rationale", "target"} <= row.keys():  # euclaise/TinyCoT
+        return CoTRecord(_text(row, "prompt"), _text(row, "rationale"), _text(row, "target"))
+    if {"post_title", "comment_text"} <= row.keys():  # euclaise/reddit-instruct-curated
+        title, body = _text(row, "post_title"), _text(row, "post_text", required=False)
+        return ChatRecord([(title + "\n" + body if body else title, _text(row, "comment_text"))])
+    if "messages" in row:  # sablo/oasst2_curated
+        messages = row["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise DataError("field 'messages' must be a non-empty list of {role, content}")
+        contents = []
+        for i, m in enumerate(messages):
+            where = f"messages[{i}]."
+            if not isinstance(m, dict):
+                raise DataError(f"messages[{i}] must be an object with role and content")
+            role = m.get("role")
+            if role not in ("user", "assistant"):
+                raise DataError(f"field '{where}role' is {role!r}; expected 'user' or 'assistant'")
+            expected = ("user", "assistant")[i % 2]
+            if role != expected:
+                raise DataError(f"conversation does not alternate: messages[{i}] is {role!r}, expected {expected!r}"
+                                " (it must go user, assistant, user, ...)")
+            contents.append(_text(m, "content", where))
+        if len(contents) % 2:
+            raise DataError(f"conversation ends with a user message (messages[{len(contents) - 1}]); "
+                            "it must end with the assistant")
+        return ChatRecord(list(zip(contents[::2], contents[1::2])))
+    raise DataError(f"unknown schema (keys {sorted(row)}); expected TinyCoT (prompt, rationale, target), "
+                    "reddit-instruct-curated (post_title, post_text, comment_text) or oasst2 (messages)")
+
+
+def read_records(path, skip_bad: bool = False):
+    """Read a JSON Lines file or a JSON array of rows -> (records, bad rows skipped, first bad message).
+    Without skip_bad the first bad row raises DataError naming file and line (or array item)."""
+    path = Path(path).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e})") from None
+    if text.lstrip().startswith("["):  # a JSON array; anything else is read as JSON Lines (what HF's to_json writes)
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON (line {e.lineno} column {e.colno}: {e.msg})") from None
+        located = [(f"{path}[item {i}]", row, None) for i, row in enumerate(rows)]
+    else:
+        located = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    located.append((f"{path}:{n}", json.loads(line), None))
+                except json.JSONDecodeError as e:
+                    located.append((f"{path}:{n}", None, f"malformed JSON ({e.msg} at column {e.colno})"))
+    records, bad, first = [], 0, None
+    for where, row, error in located:
+        try:
+            if error:
+                raise DataError(error)
+            records.append(parse_row(row))
+        except DataError as e:
+            message = f"{where}: {e}"
+            if not skip_bad:
+                raise DataError(message + " (--skip-bad skips such rows)") from None
+            bad, first = bad + 1, first or message
+    return records, bad, first
+
+
+def read_mixture(spec: str, seed: int = 0, skip_bad: bool = False, log=print) -> list:
+    """`a.jsonl,b.jsonl:1000`: every row of a, 1000 rows of b sampled with the seed (kept in file order)."""
+    records = []
+    for i, part in enumerate(p.strip() for p in spec.split(",")):
+        if not part:
+            raise DataError(f"empty entry in data spec {spec!r}")
+        path, _, count = part.rpartition(":")
+        path, count = (path, int(count)) if path and count.isdigit() else (part, None)
+        rows, bad, first = read_records(path, skip_bad)
+        note = f", skipped {bad} bad rows (first: {first})" if bad else ""
+        if count is not None:
+            if count > len(rows):
+                raise DataError(f"{path}: the spec asks for {count} rows but the file has {len(rows)} usable ones")
+            picked = sorted(random.Random(f"mixture:{seed}:{i}").sample(range(len(rows)), count))
+            rows = [rows[j] for j in picked]
+            note += f", sampled {count}"
+        log(f"{path}: {len(rows)} examples{note}")
+        records += rows
+    return records
+
+
+def load_dataset(spec: str, tok: Tokenizer, seq_len: int, seed: int = 0, skip_bad: bool = False,
+                 truncate: bool = False, log=print) -> list:
+    """Read a mixture spec, encode it and fit it to seq_len; logs what was read, skipped and dropped."""
+    encoded, dropped = fit_length(encode_many(read_mixture(spec, seed, skip_bad, log), tok), seq_len, truncate)
+    verb = "cut to" if truncate else "longer than"
+    log(f"{len(encoded)} examples; {dropped} dropped as {verb} {seq_len} tokens")
+    return encoded
+
+
+# ----------------------------------------------------------------------------- downloader (dataset viewer /rows)
+
+DEFAULT_ENDPOINT = "https://datasets-server.huggingface.co"
+PAGE_ROWS = 100  # the most rows the /rows API returns per request
+DATASETS = {  # name: (hub dataset, config, {split: output file})
+    "tinycot": ("euclaise/TinyCoT", "default", {"train": "tinycot.jsonl"}),
+    "reddit": ("euclaise/reddit-instruct-curated", "default", {"train": "reddit.jsonl"}),
+    "oasst2": ("sablo/oasst2_curated", "default", {"train": "oasst2.jsonl"}),
+    "gsm8k": ("openai/gsm8k", "main", {"train": "gsm8k-train.jsonl", "test": "gsm8k-test.jsonl"}),
+}
+
+
+class DownloadError(RuntimeError):
+    """A download that cannot go on; rows already fetched stay in the .partial file for a resume."""
+
+
+def _atomic_write(path: Path, data: bytes):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _get_json(url: str, retries: int, backoff: float, timeout: float, log) -> dict:
+    """GET a JSON document; server errors, rate limits, timeouts and cut connections are retried with
+    exponential back-off, other client errors fail at once with the server's message."""
+    last = ""
+    for attempt in range(retries + 1):
+        if attempt:
+            delay = backoff * 2 ** (attempt - 1)
+            log(f"  retry {attempt}/{retries} in {delay:g}s after: {last}")
+            time.sleep(delay)
+        try:
+            request = urllib.request.Request(url, headers={"User-Agent": "remask-data/1"})
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return json.loads(response.read().decode("utf-8"))
+        except urllib.error.HTTPError as e:
+            try:
+                message = json.loads(e.read().decode("utf-8")).get("error", "")
+            except (ValueError, AttributeError, OSError, http.client.HTTPException):
+                message = ""
+            last = f"HTTP {e.code} {message or e.reason}".strip()
+            if e.code != 429 and e.code < 500:
+                raise DownloadError(f"{url}: {last}") from None
+        except (OSError, http.client.HTTPException, ValueError) as e:  # URLError, timeouts, resets, torn JSON
+            last = f"{type(e).__name__}: {e}"
+    raise DownloadError(f"{url}: gave up after {retries + 1} attempts ({last})")
+
+
+def _complete_rows(partial: Path) -> int:
+    """Rows in a partial file; a torn last line (an interrupted write) is cut off first."""
+    if not partial.exists():
+        return 0
+    data = partial.read_bytes()
+    keep = data.rfind(b"\n") + 1
+    if keep < len(data):
+        with open(partial, "r+b") as f:
+            f.truncate(keep)
+    return data.count(b"\n", 0, keep)
+
+
+def download_split(dataset: str, config: str, split: str, path: Path, endpoint: str = DEFAULT_ENDPOINT,
+                   retries: int = 6, backoff: float = 1.0, timeout: float = 60.0, log=print) -> Path:
+    """Fetch one split into `path` (JSON Lines of the row objects). Rows go to `path.partial` page by page;
+    an interrupted run resumes from its row count; the file is renamed into place when every row is there."""
+    partial = path.with_name(path.name + ".partial")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    offset = _complete_rows(partial)
+    if offset:
+        log(f"{path.name}: resuming at row {offset}")
+    total, first, started, pages = None, offset, time.time(), 0
+    with open(partial, "ab") as f:
+        while total is None or offset < total:
+            query = urllib.parse.urlencode(dict(dataset=dataset, config=config, split=split, offset=offset,
+                                                length=PAGE_ROWS))
+            url = f"{endpoint.rstrip('/')}/rows?{query}"
+            page = _get_json(url, retries, backoff, timeout, log)
+            if not isinstance(page, dict) or not isinstance(page.get("rows"), list) \
+                    or not isinstance(page.get("num_rows_total"), int):
+                raise DownloadError(f"{url}: unexpected answer (no rows/num_rows_total): {str(page)[:200]}")
+            if page.get("partial"):
+                raise DownloadError(f"{url}: the dataset viewer serves only part of {dataset} {split}; "
+                                    "download its parquet files from the hub instead")
+            total, rows = page["num_rows_total"], page["rows"]
+            if offset > total:
+                raise DownloadError(f"{partial} holds {offset} rows but {dataset} {split} has {total}: "
+                                    "delete it and download again")
+            if not rows and offset < total:
+                raise DownloadError(f"{url}: no rows returned at offset {offset} of {total}")
+            lines = []
+            for i, item in enumerate(rows):
+                if not isinstance(item, dict) or item.get("row_idx") != offset + i \
+                        or not isinstance(item.get("row"), dict):
+                    raise DownloadError(f"{url}: expected row {offset + i}, got {str(item)[:200]}")
+                if item.get("truncated_cells"):
+                    cut = [f"row {r['row_idx']} ({', '.join(r['truncated_cells'])})"
+                           for r in rows[i:] if r.get("truncated_cells")]
+                    f.write(b"".join(lines))  # keep the whole rows before the first cut one
+                    raise DownloadError(
+                        f"{dataset} {split}: the dataset viewer truncated {'; '.join(cut)}; such rows cannot be "
+                        f"fetched whole through /rows. Rows before them are kept in {partial}. Fetch the split's "
+                        f"parquet files from the hub and convert them to {path.name} instead.")
+                lines.append(json.dumps(item["row"], ensure_ascii=False).encode() + b"\n")
+            f.write(b"".join(lines))
+            f.flush()
+            os.fsync(f.fileno())  # a page is on disk before the offset it implies is used again
+            offset, pages = offset + len(rows), pages + 1
+            if pages % 10 == 0 or offset >= total:
+                rate = (offset - first) / max(time.time() - started, 1e-9)
+                log(f"{path.name}: {offset}/{total} rows ({100 * offset / max(total, 1):.1f}%, {rate:.0f} rows/s)")
+    if _complete_rows(partial) != total:
+        raise DownloadError(f"{partial}: expected {total} rows, found {_complete_rows(partial)}")
+    os.replace(partial, path)
+    return path
+
+
+def download(name: str, out_dir, endpoint: str = DEFAULT_ENDPOINT, retries: int = 6, backoff: float = 1.0,
+             timeout: float = 60.0, force: bool = False, log=print) -> list:
+    """Download a named dataset (or "all") into out_dir; finished files are kept unless force."""
+    names = list(DATASETS) if name == "all" else [name]
+    for n in names:
+        if n not in DATASETS:
+            raise DownloadError(f"unknown dataset {n!r}; choose from {', '.join(DATASETS)} or all")
+    paths = []
+    for n in names:
+        dataset, config, splits = DATASETS[n]
+        for split, filename in splits.items():
+            path = Path(out_dir).expanduser() / filename
+            if force:
+                path.with_name(path.name + ".partial").unlink(missing_ok=True)
+            if path.exists() and not force:
+                log(f"{path}: already downloaded (--force fetches again)")
+            else:
+                log(f"{path}: {dataset} ({config}, {split}) from {endpoint}")
+                download_split(dataset, config, split, path, endpoint, retries, backoff, timeout, log)
+            paths.append(path)
+    return paths
+
+
+# ----------------------------------------------------------------------------- masking
+
+@dataclass
+class MaskConfig:
+    mode: str = "remask"  # sft: full input only; masked-thought: masked input only; remask: both (+ KL)
+    input_mask: float = 0.4  # probability that each response/rationale input token is replaced
+    label_mask: float = 0.1  # probability that each rationale label is dropped (CoT; not in sft)
+    answer_only: float = 0.1  # probability that all rationale labels of a CoT example are dropped (not in sft)
+    mask_with: str = "mask"  # "mask": <|mask|>; "random": a uniformly random ordinary token (Masked Thought)
+
+    def __post_init__(self):
+        if self.mode not in ("sft", "masked-thought", "remask"):
+            raise ValueError(f"mode must be sft, masked-thought or remask, got {self.mode!r}")
+        if self.mask_with not in ("mask", "random"):
+            raise ValueError(f"mask_with must be 'mask' or 'random', got {self.mask_with!r}")
+        for field in ("input_mask", "label_mask", "answer_only"):
+            if not 0.0 <= getattr(self, field) <= 1.0:
+                raise ValueError(f"{field} must be a probability in [0, 1], got {getattr(self, field)}")
+
+
+def mask_example(ex: Encoded, tok: Tokenizer, cfg: MaskConfig, seed: int, epoch: int, index: int) -> dict:
+    """input_ids, masked_ids (None in sft), labels and kl_mask of one example; a pure function of
+    (seed, epoch, index), so any batch order and any resume draw the same masks, and masked-thought and
+    remask runs with the same seed see the same masks."""
+    if not 0 <= seed < 2 ** 32:
+        raise ValueError(f"seed must be in [0, 2**32), got {seed}")  # one word each keeps the seed streams apart
+    # numpy on these short vectors costs a fraction of torch's per-op overhead; the tensors share the memory
+    ids, roles = ex.ids.numpy(), ex.roles.numpy()
+    labels = np.where(ex.targets.numpy(), ids, IGNORE)  # (T,)
+    item = dict(input_ids=ex.ids, masked_ids=None, labels=torch.from_numpy(labels), kl_mask=ex.targets)
+    if cfg.mode == "sft":
+        return item
+    rng = np.random.default_rng((seed, epoch, index, 1))  # the trailing 1 separates it from Loader.order's stream
+    T = len(ids)
+    u_input, u_label, u_answer = rng.random(T), rng.random(T), rng.random()
+    maskable = (roles == RESPONSE) | (roles == RATIONALE)  # content only: never prompt, tags or answer
+    if cfg.mask_with == "mask":
+        fill = tok.mask_id
+    else:  # drawn last, so the two choices share every other draw
+        fill = tok.ordinary_ids[rng.integers(0, len(tok.ordinary_ids), T)]  # (T,)
+    item["masked_ids"] = torch.from_numpy(np.where(maskable & (u_input < cfg.input_mask), fill, ids))
+    if ex.cot:
+        labels[(roles == RATIONALE) & ((u_label < cfg.label_mask) | (u_answer < cfg.answer_only))] = IGNORE
+    return item
+
+
+# ----------------------------------------------------------------------------- batching
+
+def collate(items: list, pad_multiple: int = 8, pin_memory=None) -> dict:
+    """Right-pad a list of mask_example dicts to the longest, rounded up to pad_multiple (tensor-core
+    friendly shapes, fewer distinct shapes for torch.compile); pinned memory when CUDA is there."""
+    T = max(len(it["input_ids"]) for it in items)
+    T = -(-T // pad_multiple) * pad_multiple
+    pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+
+    def pad(key, value, dtype):
+        out = torch.full((len(items), T), value, dtype=dtype)  # (B, T)
+        for row, it in zip(out, items):
+            row[:len(it[key])] = it[key]
+        return out.pin_memory() if pin else out
+
+    batch = dict(input_ids=pad("input_ids", PAD_ID, torch.int64), labels=pad("labels", IGNORE, torch.int64),
+                 kl_mask=pad("kl_mask", False, torch.bool), masked_ids=None)
+    if items[0]["masked_ids"] is not None:
+        batch["masked_ids"] = pad("masked_ids", PAD_ID, torch.int64)
+    return batch
+
+
+class Loader:
+    """Optimizer steps of `global_batch` examples in a seeded order per epoch. For each step, one rank gets
+    its share (every world_size-th example of the step's batch) cut into micro-batches of `micro_batch`.
+
+    group_by_length sorts each global batch by length before sharding and cutting, so a micro-batch holds
+    similar lengths (less padding, the longest first so memory trouble shows at once) while every step still
+    sees exactly the same examples: the optimizer trajectory does not change, only the padding. The last
+    partial batch is kept unless drop_last; a rank may then get fewer (or no) micro-batches than the others."""
+
+    def __init__(self, examples: list, tok: Tokenizer, mask: MaskConfig, global_batch: int, micro_batch: int,
+                 seed: int = 0, group_by_length: bool = False, rank: int = 0, world_size: int = 1,
+                 drop_last: bool = False, pin_memory=None):
+        if global_batch % world_size:
+            raise ValueError(f"global_batch {global_batch} is not divisible by world_size {world_size}")
+        if not 0 <= rank < world_size or micro_batch < 1:
+            raise ValueError(f"need 0 <= rank < world_size and micro_batch >= 1 (rank {rank}, "
+                             f"world_size {world_size}, micro_batch {micro_batch})")
+        if not examples:
+            raise ValueError("no examples to load")
+        self.examples, self.tok, self.mask, self.seed = examples, tok, mask, seed
+        self.global_batch, self.micro_batch, self.group_by_length = global_batch, micro_batch, group_by_length
+        self.rank, self.world_size, self.pin_memory = rank, world_size, pin_memory
+        n = len(examples)
+        self.steps_per_epoch = n // global_batch if drop_last else -(-n // global_batch)
+        self.lengths = np.array([len(ex.ids) for ex in examples])
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng((self.seed, epoch, 0, 2)).permutation(len(self.examples))
+
+    def step_indices(self, epoch: int, step: int) -> list:
+        """This rank's micro-batches of example indices for one optimizer step."""
+        batch = self.order(epoch)[step * self.global_batch:(step + 1) * self.global_batch]
+        if self.group_by_length:
+            batch = batch[np.argsort(-self.lengths[batch], kind="stable")]
+        share = batch[self.rank::self.world_size].tolist()
+        return [share[i:i + self.micro_batch] for i in range(0, len(share), self.micro_batch)]
+
+    def micro_batches(self, epoch: int, step: int) -> list:
+        """Collated micro-batches of one step, each with an `index` tensor of its example indices."""
+        out = []
+        for idx in self.step_indices(epoch, step):
+            batch = collate([mask_example(self.examples[i], self.tok, self.mask, self.seed, epoch, i) for i in idx],
+                            pin_memory=self.pin_memory)
+            batch["index"] = torch.tensor(idx)
+            out.append(batch)
+        return out
+
+    def iterate(self, epoch: int, start_step: int = 0):
+        """Yield (step, micro_batches) from start_step to the end of the epoch (a resume passes its position)."""
+        for step in range(start_step, self.steps_per_epoch):
+            yield step, self.micro_batches(epoch, step)
+
+
+# ----------------------------------------------------------------------------- embedded dataset
+
+ADD_PROMPTS = ("What is {a}+{b}?", "Add {a} and {b}.", "Compute {a} + {b}.", "{a}+{b}=?")
+WORDS = ("cat dog sun moon tree bird fish star road lamp book door rain snow wind fire milk bread apple "
+         "green river stone cloud horse mouse table chair glass paper light night water house plant music "
+         "train ocean tiger zebra lemon honey candle garden window pencil").split()
+CHAT_TASKS = (  # (instruction template, response function of (word, number, number)); deterministic, so learnable
+    ("Reverse the word {w}.", lambda w, n, m: w[::-1]),
+    ("Spell {w} with dashes.", lambda w, n, m: "-".join(w)),
+    ("Write {w} in capital letters.", lambda w, n, m: w.upper()),
+    ("What is the first letter of {w}?", lambda w, n, m: w[0]),
+    ("Repeat the word {w} {k} times.", lambda w, n, m: " ".join([w] * (m % 4 + 2))),
+    ("What number comes after {n}?", lambda w, n, m: str(n + 1)),
+    ("Which is larger, {n} or {m}?", lambda w, n, m: str(max(n, m))),
+    ("Count from {n} to {e}.", lambda w, n, m: ", ".join(str(i) for i in range(n, n + m % 5 + 2))),
+)
+EMBEDDED_VOCAB = 512  # BPE target size; the corpus is small, so training may stop below it
+
+
+def addition_cot(a: int, b: int) -> tuple:
+    """Rationale and answer for a+b, one digit column at a time from the right, carries spelled out:
+    457+385 -> "7+5=12, write 2 carry 1; 5+8+1=14, write 4 carry 1; 4+3+1=8, write 8", "842"."""
+    width = max(len(str(a)), len(str(b)))
+    xs, ys = str(a).zfill(width)[::-1], str(b).zfill(width)[::-1]
+    steps, carry = [], 0
+    for x, y in zip(xs, ys):
+        terms = [int(x), int(y)] + ([carry] if carry else [])
+        total, carry = sum(terms), sum(terms) // 10
+        steps.append("+".join(map(str, terms)) + f"={total}, write {total % 10}" + (" carry 1" if carry else ""))
+    if carry:
+        steps.append("write 1")
+    return "; ".join(steps), str(a + b)
+
+
+def _addition(a: int, b: int, rng: random.Random) -> CoTRecord:
+    return CoTRecord(rng.choice(ADD_PROMPTS).format(a=a, b=b), *addition_cot(a, b))
+
+
+def _chat_pair(rng: random.Random) -> ChatRecord:
+    template, respond = rng.choice(CHAT_TASKS)
+    w, n, m = rng.choice(WORDS), rng.randint(0, 99), rng.randint(0, 99)
+    user = template.format(w=w, n=n, m=m, k=m % 4 + 2, e=n + m % 5 + 1)
+    return ChatRecord([(user, respond(w, n, m))])
+
+
+def embedded_tokenizer(cache_dir=None) -> Tokenizer:
+    """A byte-level BPE trained on the embedded tasks (no token holds two digits): <|endoftext|> 0,
+    <|padding|> 1, the five tags 2-6. Cached under cache_dir (default $XDG_CACHE_HOME/remask or
+    ~/.cache/remask), keyed by a hash of its corpus and settings."""
+    rng = random.Random("embedded-tokenizer")
+    corpus = [format_record(_chat_pair(rng)) for _ in range(2000)]
+    for digits in range(1, 13):
+        corpus += [format_record(_addition(rng.randrange(10 ** digits), rng.randrange(10 ** digits), rng))
+                   for _ in range(100)]
+    specials = [EOS, "<|padding|>", *TAGS]
+    tk = tokenizers.Tokenizer(models.BPE())
+    # one digit per token (with its leading space, if any): numbers are read and written digit by digit
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(tokenizers.Regex(r" ?[0-9]"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tk.decoder = decoders.ByteLevel()
+    key = hashlib.sha256("\n".join([tokenizers.__version__, tk.to_str(), str(EMBEDDED_VOCAB), *specials,
+                                    *corpus]).encode()).hexdigest()[:16]
+    cache = Path(cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "remask")
+    path = cache / f"embedded-tokenizer-{key}.json"
+    if path.is_file():
+        try:
+            return load_tokenizer(path)
+        except DataError:
+            pass  # a damaged cache file is rebuilt below
+    tk.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=EMBEDDED_VOCAB, special_tokens=specials, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = Tokenizer(tk, "embedded tokenizer")
+    try:
+        _atomic_write(path, tk.to_str().encode())
+    except OSError:
+        pass  # a read-only home only costs the ~10 ms retraining next time
+    return tok
+
+
+def embedded_dataset(seed: int = 0, n_train: int = 20000, n_eval: int = 200, digits: int = 3,
+                     chat_fraction: float = 0.2, cache_dir=None) -> tuple:
+    """(train records, held-out CoTRecords, tokenizer) for the demo. Train: additions of two `digits`-digit
+    numbers (a `chat_fraction` share replaced by chat pairs); held-out problems never appear in training,
+    in either operand order. The held-out set depends only on (seed, digits), not on n_train."""
+    if digits < 1:
+        raise ValueError(f"digits must be >= 1, got {digits}")
+    low, high = 10 ** (digits - 1), 10 ** digits - 1
+    pairs = (high - low + 1) * (high - low + 2) // 2  # unordered pairs of digits-digit numbers
+    if n_eval > pairs // 2:
+        raise ValueError(f"{digits}-digit additions have {pairs} distinct problems; n_eval {n_eval} leaves too "
+                         "few for training")
+    rng = random.Random(f"embedded-eval:{seed}:{digits}")
+    held, evaluation = set(), []
+    while len(evaluation) < n_eval:
+        a, b = rng.randint(low, high), rng.randint(low, high)
+        if (min(a, b), max(a, b)) not in held:
+            held.add((min(a, b), max(a, b)))
+            evaluation.append(_addition(a, b, rng))
+    rng = random.Random(f"embedded-train:{seed}:{digits}")
+    train = []
+    while len(train) < n_train:
+        if rng.random() < chat_fraction:
+            train.append(_chat_pair(rng))
+            continue
+        a, b = rng.randint(low, high), rng.randint(low, high)
+        if (min(a, b), max(a, b)) not in held:
+            train.append(_addition(a, b, rng))
+    return train, evaluation, embedded_tokenizer(cache_dir)
+
+
+# ----------------------------------------------------------------------------- rendering
+
+LEGEND = ("⟦…⟧ labels (graded); text outside them is input only.  ⟨x⟩ x is <|mask|> in the masked input, "
+          "⟨x→y⟩ x is replaced by y.  Labels dropped by rationale label masking fall outside ⟦…⟧.")
+
+
+def render(ex: Encoded, tok: Tokenizer, item: dict = None) -> str:
+    """An example as text with what training does to each token marked (see LEGEND); `item` is the
+    mask_example output to show (default: labels without any masking)."""
+    labels = (item["labels"] if item else torch.where(ex.targets, ex.ids, IGNORE)).tolist()
+    masked = item["masked_ids"].tolist() if item and item["masked_ids"] is not None else ex.ids.tolist()
+    ids = ex.ids.tolist()
+    out, run, in_label = [], [], False
+    for t, i in enumerate(ids):
+        is_label = labels[t] != IGNORE
+        if is_label != in_label or masked[t] != i:
+            out.append(tok.decode(run))
+            run = []
+        if is_label != in_label:
+            out.append("⟦" if is_label else "⟧")
+            in_label = is_label
+        if masked[t] == i:
+            run.append(i)
+        elif masked[t] == tok.mask_id:
+            out.append(f"⟨{tok.decode([i])}⟩")
+        else:
+            out.append(f"⟨{tok.decode([i])}→{tok.decode([masked[t]])}⟩")
+    out.append(tok.decode(run) + ("⟧" if in_label else ""))
+    n_mask = sum(m != i for m, i in zip(masked, ids))
+    maskable = int(((ex.roles == RESPONSE) | (ex.roles == RATIONALE)).sum())
+    dropped = int((ex.targets & (torch.tensor(labels) == IGNORE)).sum())
+    head = (f"[{'cot' if ex.cot else 'chat'}: {len(ids)} tokens, {sum(y != IGNORE for y in labels)} labels"
+            f" ({dropped} dropped), {n_mask} of {maskable} maskable inputs masked]")
+    return head + "\n" + "".join(out)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def _show(args):
+    if args.spec == "embedded":
+        records, _, tok = embedded_dataset(args.seed, n_train=max(args.limit, 1), n_eval=1, digits=args.digits)
+        tok = load_tokenizer(args.tokenizer) if args.tokenizer else tok
+        examples, dropped = fit_length(encode_many(records, tok), args.seq_len, args.truncate)
+        print(f"{len(examples)} examples; {dropped} dropped as {'cut to' if args.truncate else 'longer than'} "
+              f"{args.seq_len} tokens")
+    else:
+        if not args.tokenizer:
+            raise DataError("show needs --tokenizer MODEL_DIR for a data file (token counts depend on it)")
+        tok = load_tokenizer(args.tokenizer)
+        if tok.added_tags:
+            print(f"(added to the tokenizer: {' '.join(tok.added_tags)}; {len(tok)} embedding rows needed)")
+        examples = load_dataset(args.spec, tok, args.seq_len, args.seed, args.skip_bad, args.truncate)
+    try:
+        cfg = MaskConfig(args.mode, args.input_mask, args.label_mask, args.answer_only, args.mask_with)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    print(LEGEND)
+    for index in range(min(args.limit, len(examples))):
+        item = mask_example(examples[index], tok, cfg, args.seed, args.epoch, index)
+        print(f"\n--- example {index} (mode {cfg.mode}, seed {args.seed}, epoch {args.epoch}) "
+              + render(examples[index], tok, item))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="remask data: inspect training examples, download datasets")
+    sub = parser.add_subparsers(dest="command", required=True)
+    show = sub.add_parser("show", help="print examples as the model is trained on them, labels and masks marked")
+    show.add_argument("spec", help="a data file, a mixture spec (a.jsonl,b.jsonl:1000), or 'embedded'")
+    show.add_argument("--tokenizer", help="model directory (or tokenizer.json); default for 'embedded': its own")
+    show.add_argument("--limit", type=int, default=3, help="how many examples to print")
+    show.add_argument("--mode", default="remask", choices=["sft", "masked-thought", "remask"])
+    show.add_argument("--seed", type=int, default=0, help="sampling and masking seed")
+    show.add_argument("--epoch", type=int, default=0, help="epoch whose masks to show")
+    show.add_argument("--seq-len", type=int, default=256, help="longer examples are dropped")
+    show.add_argument("--truncate", action="store_true", help="cut long examples instead of dropping them")
+    show.add_argument("--skip-bad", action="store_true", help="skip (and count) rows that fail to parse")
+    show.add_argument("--input-mask", type=float, default=0.4)
+    show.add_argument("--label-mask", type=float, default=0.1)
+    show.add_argument("--answer-only", type=float, default=0.1)
+    show.add_argument("--mask-with", default="mask", choices=["mask", "random"])
+    show.add_argument("--digits", type=int, default=3, help="operand digits of the embedded task")
+    get = sub.add_parser("download", help="fetch datasets through the Hugging Face dataset viewer API")
+    get.add_argument("name", choices=[*DATASETS, "all"])
+    get.add_argument("--out", default="data", help="output directory (files: NAME.jsonl, gsm8k-{train,test}.jsonl)")
+    get.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help="dataset viewer base URL")
+    get.add_argument("--retries", type=int, default=6, help="retries per request (exponential back-off)")
+    get.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds, doubled each time")
+    get.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    get.add_argument("--force", action="store_true", help="fetch again even if the file exists")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "show":
+            _show(args)
+        else:
+            download(args.name, args.out, args.endpoint, args.retries, args.backoff, args.timeout, args.force)
+    except (DataError, DownloadError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
