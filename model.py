@@ -1,4 +1,612 @@
 """model.py: the StableLM transformer family from scratch, Hugging Face checkpoint I/O and KV-cache generation.
 
-(Being written.)
+StableLM-3B-4E1T is a LLaMA-like decoder with LayerNorm (with bias) instead of RMSNorm, rotary position
+embeddings on only the first 25% of each head's dims (GPT-NeoX "rotate_half" layout) and a SwiGLU MLP. Family
+members switch on q/k/v biases (stablelm-2-1_6b), per-head q/k LayerNorm, parallel attention + MLP residuals and
+grouped-query attention (stablelm-2-12b). Every switch is a field of Config, named as in config.json, and every
+parameter is named as in the Hugging Face checkpoint, so state dicts map 1:1.
+
+Sections: Config (config.json in any of the three spellings met in the wild) / the model / checkpoint I/O
+(safetensors, sharded or not, fp32/fp16/bf16 and bitsandbytes LLM.int8, in the layout transformers, vLLM and
+lm-evaluation-harness load) / generation (batched, left or right padded, preallocated KV cache, streaming).
+
+Deliberately left out: dropout (StableLM trains without it), rope scaling variants, pytorch_model.bin files,
+4-bit formats, beam search and top-p.
+
+References: transformers/models/stablelm/modeling_stablelm.py (the math, the names), nanoGPT (the structure),
+gpt-fast (a static KV cache for compiled decoding), the safetensors format, PaLM appendix B (FLOP accounting).
 """
+import functools
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch.utils.checkpoint import checkpoint
+
+import quantize
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class Config:
+    vocab_size: int = 50304                 # embedding rows (may exceed the tokenizer's size)
+    hidden_size: int = 2560                 # residual stream width C
+    intermediate_size: int = 6912           # SwiGLU inner width
+    num_hidden_layers: int = 32             # transformer blocks L
+    num_attention_heads: int = 32           # query heads H; head_dim = C / H
+    num_key_value_heads: int = 32           # key/value heads; fewer than H = grouped-query attention
+    max_position_embeddings: int = 4096     # context length trained on (informational: nothing is sized by it)
+    rope_theta: float = 10000.0             # rotary base
+    partial_rotary_factor: float = 0.25     # fraction of each head's dims that rotate
+    layer_norm_eps: float = 1e-5            # epsilon of every LayerNorm
+    use_qkv_bias: bool = False              # biases on the q, k, v projections (StableLM 2)
+    qk_layernorm: bool = False              # per-head LayerNorm without bias on q and k (StableLM 2 12B)
+    use_parallel_residual: bool = False     # x + attn(ln(x)) + mlp(ln(x)) instead of two sequential residuals
+    tie_word_embeddings: bool = False       # lm_head shares the embedding matrix
+    bos_token_id: int | None = 0            # begin-of-text id (StableLM never prepends it)
+    eos_token_id: int | list | None = 0     # end-of-text id(s)
+    torch_dtype: str = "float32"            # dtype of the stored weights
+    quantization_config: dict | None = None  # bitsandbytes LLM.int8 settings of an 8-bit checkpoint
+
+    def __post_init__(self):
+        C, H, KV = self.hidden_size, self.num_attention_heads, self.num_key_value_heads
+        if C % H or H % KV:
+            raise ValueError(f"hidden_size {C} must divide by num_attention_heads {H}, "
+                             f"and num_attention_heads by num_key_value_heads {KV}")
+        if not 0 <= self.partial_rotary_factor <= 1 or self.rotary_dim % 2:
+            raise ValueError(f"partial_rotary_factor {self.partial_rotary_factor} gives {self.rotary_dim} rotary dims "
+                             f"of head_dim {self.head_dim}: need an even number between 0 and head_dim")
+
+    @property
+    def head_dim(self):
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_dim(self):
+        return int(self.head_dim * self.partial_rotary_factor)  # int() truncates, as transformers does
+
+    @classmethod
+    def from_dict(cls, d, source="config"):
+        """Any of: hub files (top-level rope keys), transformers 5 (nested rope_parameters), stablelm_epoch."""
+        d = dict(d)
+        model_type = d.get("model_type")
+        if model_type not in ("stablelm", "stablelm_epoch"):
+            raise ValueError(f"{source}: model_type {model_type!r} is not StableLM ('stablelm' or 'stablelm_epoch')")
+        for old, new in (("norm_eps", "layer_norm_eps"), ("rope_pct", "partial_rotary_factor")):
+            if old in d:
+                d[new] = d.pop(old)
+        rope = d.pop("rope_parameters", None) or {}
+        if rope.get("rope_type", "default") != "default" or d.get("rope_scaling"):
+            raise ValueError(f"{source}: rope scaling ({rope or d.get('rope_scaling')}) is not supported")
+        d.update({k: rope[k] for k in ("rope_theta", "partial_rotary_factor") if k in rope})
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}: hidden_act {d['hidden_act']!r} is not supported (StableLM uses 'silu')")
+        d.setdefault("num_key_value_heads", d.get("num_attention_heads", cls.num_attention_heads))
+        d["torch_dtype"] = d.get("torch_dtype") or d.get("dtype") or "float32"  # transformers 5 writes "dtype"
+        try:
+            return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_json(cls, path):
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such config file (a Hugging Face model directory has config.json)")
+        try:
+            d = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(d, source=str(path))
+
+    def to_dict(self):
+        """Hub-style config.json (transformers 4.x spelling, which 5.x, vLLM and lm-eval also read)."""
+        d = {"architectures": ["StableLmForCausalLM"], "model_type": "stablelm", "hidden_act": "silu", **asdict(self),
+             "attention_dropout": 0.0, "hidden_dropout": 0.0, "initializer_range": 0.02, "use_cache": True}
+        if d["quantization_config"] is None:
+            del d["quantization_config"]
+        return d
+
+    @classmethod
+    def named(cls, name):
+        if name not in CONFIGS:
+            raise KeyError(f"unknown config {name!r}; known: {', '.join(CONFIGS)}")
+        return replace(CONFIGS[name])  # a copy: callers may change it (resize_vocab does)
+
+
+CONFIGS = {
+    "stablelm-3b-4e1t": Config(torch_dtype="bfloat16"),
+    "stablelm-2-1_6b": Config(vocab_size=100352, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
+                              num_attention_heads=32, num_key_value_heads=32, use_qkv_bias=True,
+                              bos_token_id=100257, eos_token_id=100257, torch_dtype="float16"),
+    "debug": Config(vocab_size=128, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
+                    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512),
+}
+
+# ----------------------------------------------------------------------------- the model
+
+
+def rotary_cos_sin(position_ids, dim, theta, dtype):
+    """cos, sin (B, 1, T, dim) for positions (B, T); fp32 math as in transformers, then cast like it."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, device=position_ids.device).float() / dim)  # (dim/2,)
+    freqs = position_ids[..., None].float() * inv_freq                                              # (B, T, dim/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]                                                # (B, 1, T, dim)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate the first cos.shape[-1] dims of x (B, h, T, D), GPT-NeoX layout: dim i pairs with i + dim/2."""
+    r = cos.shape[-1]
+    if r == 0:
+        return x
+    x_rot, x_pass = x[..., :r], x[..., r:]
+    x1, x2 = x_rot.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)  # rotate_half
+    return torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
+
+
+def causal_padding_mask(key_valid, query_slots):
+    """(B, 1, T, S) bool: a query sees the valid keys at slots up to its own, and always itself, so padding
+    queries stay finite (an all-masked row would be NaN, and NaN values poison the cache for real queries)."""
+    keys = torch.arange(key_valid.shape[1], device=key_valid.device)  # (S,)
+    causal = keys <= query_slots[:, None]                             # (T, S)
+    return ((key_valid[:, None, :] & causal) | (keys == query_slots[:, None]))[:, None]
+
+
+class HeadLayerNorm(nn.Module):
+    """One bias-free LayerNorm per head (named norms.{h}.weight, as in transformers), applied in one batched op."""
+
+    def __init__(self, n_heads, head_dim, eps):
+        super().__init__()
+        self.norms = nn.ModuleList(nn.LayerNorm(head_dim, eps=eps, bias=False) for _ in range(n_heads))
+
+    def forward(self, x):  # (B, h, T, D)
+        # at least fp32 inside and rounded once, as each nn.LayerNorm does: bit-identical to transformers in bf16
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        weight = torch.stack([norm.weight for norm in self.norms])[:, None, :].to(dtype)  # (h, 1, D)
+        return (F.layer_norm(x.to(dtype), x.shape[-1:], eps=self.norms[0].eps) * weight).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config, index):
+        super().__init__()
+        C, H, KV, D = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.index, self.n_head, self.n_kv_head, self.head_dim = index, H, KV, D
+        self.q_proj = nn.Linear(C, H * D, bias=config.use_qkv_bias)
+        self.k_proj = nn.Linear(C, KV * D, bias=config.use_qkv_bias)
+        self.v_proj = nn.Linear(C, KV * D, bias=config.use_qkv_bias)
+        self.o_proj = nn.Linear(H * D, C, bias=False)
+        self.qk_layernorm = config.qk_layernorm
+        if config.qk_layernorm:
+            self.q_layernorm = HeadLayerNorm(H, D, config.layer_norm_eps)
+            self.k_layernorm = HeadLayerNorm(KV, D, config.layer_norm_eps)
+
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        if self.qk_layernorm:
+            q, k = self.q_layernorm(q), self.k_layernorm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.index, k, v)  # (B, KV, S, D): all slots; the mask hides unused ones
+        # no mask: is_causal lets SDPA pick flash attention (and reproduces transformers' sdpa path bit for bit)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           scale=self.head_dim ** -0.5, enable_gqa=self.n_kv_head != self.n_head)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))                        # (B, T, C)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, config, index):
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = Attention(config, index)
+        self.mlp = MLP(config)
+        self.parallel = config.use_parallel_residual
+        if not self.parallel:
+            self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        h = self.input_layernorm(x)
+        a = self.self_attn(h, cos, sin, mask, cache)
+        if self.parallel:
+            return x + a + self.mlp(h)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class StableLM(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.gradient_checkpointing = False  # recompute blocks in backward: keeps ~1/L of activations, +1/3 compute
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
+            layers=nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers)),
+            norm=nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps),
+        ))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @staticmethod
+    def _init_weights(module):  # transformers' init: N(0, 0.02) matrices, zero biases, LayerNorm (1, 0)
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, input_ids, attention_mask=None, cache=None):
+        """input_ids (B, T) -> logits (B, T, vocab) in the model's dtype. See hidden_states for the arguments."""
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, cache))
+
+    def hidden_states(self, input_ids, attention_mask=None, cache=None):
+        """Final-norm hidden states (B, T, C). attention_mask (B, T): 1 = token, 0 = padding (left, right or both);
+        rotary positions count real tokens only, so a padded row computes what it would alone. cache: a KVCache
+        that this call appends to (prefill or decode)."""
+        B, T = input_ids.shape
+        x = self.model.embed_tokens(input_ids)  # (B, T, C)
+        valid = None if attention_mask is None else attention_mask.bool()
+        if cache is not None:
+            mask, pos = cache.append(valid if valid is not None else torch.ones_like(input_ids, dtype=torch.bool))
+        elif valid is not None:
+            mask = causal_padding_mask(valid, torch.arange(T, device=x.device))
+            pos = (valid.cumsum(-1) - 1).clamp(min=0)
+        else:
+            mask, pos = None, torch.arange(T, device=x.device).expand(B, T)
+        cos, sin = rotary_cos_sin(pos, self.config.rotary_dim, self.config.rope_theta, x.dtype)
+        for block in self.model.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, cache)
+        return self.model.norm(x)
+
+    @torch.no_grad()
+    def resize_vocab(self, n):
+        """Grow the vocabulary to n rows; new embedding and lm_head rows = mean of the existing rows (REFERENCE 2).
+        Call before building an optimizer: the two matrices become new Parameters."""
+        old = self.config.vocab_size
+        if n < old:
+            raise ValueError(f"resize_vocab({n}): the model already has {old} rows; shrinking would drop tokens")
+        if isinstance(self.lm_head, quantize.Int8Linear):
+            raise ValueError("resize_vocab: lm_head is 8-bit; resize before quantizing")
+
+        def grow(p):
+            mean = p.float().mean(0, keepdim=True).to(p.dtype)  # (1, C), averaged in fp32
+            return nn.Parameter(torch.cat([p, mean.expand(n - old, -1)]), requires_grad=p.requires_grad)
+
+        self.model.embed_tokens.weight = grow(self.model.embed_tokens.weight)
+        tied = self.config.tie_word_embeddings
+        self.lm_head.weight = self.model.embed_tokens.weight if tied else grow(self.lm_head.weight)
+        self.model.embed_tokens.num_embeddings = self.lm_head.out_features = self.config.vocab_size = n
+        return self
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token, forward + backward: 6N + 12·L·H·Q·T (PaLM appendix B; REFERENCE 9), N = the
+        matmul weights including lm_head, excluding the input embedding (a lookup, not a matmul)."""
+        c = self.config
+        q_dim, kv_dim = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        per_layer = c.hidden_size * (2 * q_dim + 2 * kv_dim) + 3 * c.hidden_size * c.intermediate_size
+        n = c.num_hidden_layers * per_layer + c.vocab_size * c.hidden_size
+        return 6 * n + 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len
+
+    # ------------------------------------------------------------------------- checkpoint I/O
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None):
+        """Load a Hugging Face StableLM directory. dtype casts floating weights (None keeps the stored dtype); int8
+        weights and their fp32 scales stay as stored. Built on the meta device and filled file by file, so the
+        weights are in memory once."""
+        path = Path(path)
+        config = Config.from_json(path / "config.json")
+        files, index = _weight_files(path)
+        with torch.device("meta"):
+            model = cls(config)
+        int8 = set()
+        if config.quantization_config is not None:
+            int8 = _swap_in_int8(model, config.quantization_config, path / "config.json")
+        expected = model.state_dict()
+        if config.tie_word_embeddings:
+            del expected["lm_head.weight"]  # tied files carry only the embedding (a stray copy is ignored below)
+        _check_checkpoint(path, files, index, expected, int8)
+        for file in files:
+            with _open(file, device) as st:
+                shard = {}
+                for name in st.keys():
+                    if name not in expected:
+                        continue  # weight_format or a tied lm_head.weight, both checked already
+                    t = st.get_tensor(name)
+                    cast = dtype is not None and t.is_floating_point() and not name.endswith(".SCB")
+                    shard[name] = t.to(dtype) if cast else t
+                model.load_state_dict(shard, strict=False, assign=True)  # the loaded tensors become the parameters
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        return model.eval()
+
+    def save_pretrained(self, path, max_shard_size=5 * 10**9):
+        """Write a directory transformers/vLLM/lm-eval load as is; shards above max_shard_size (bytes or '5GB').
+        Written to a temporary sibling directory and renamed at the end, so `path` is never half-written."""
+        path, limit = Path(path), _parse_size(max_shard_size)
+        if path.exists() and not path.is_dir():
+            raise FileExistsError(f"{path}: exists and is not a directory")
+        tensors = self.state_dict()
+        if self.config.tie_word_embeddings:
+            del tensors["lm_head.weight"]  # what transformers writes for tied embeddings
+        int8 = [name for name, m in self.named_modules() if isinstance(m, quantize.Int8Linear)]
+        for name in int8:  # bitsandbytes' marker for the row-major int8 layout
+            tensors[f"{name}.weight_format"] = torch.tensor(0, dtype=torch.uint8)
+        dtype = str(self.model.embed_tokens.weight.dtype).removeprefix("torch.")
+        config = replace(self.config, torch_dtype=dtype, quantization_config=self._int8_config() if int8 else None)
+        shards = [[]]
+        size = 0
+        for name, t in tensors.items():
+            nbytes = t.numel() * t.element_size()
+            if shards[-1] and size + nbytes > limit:
+                shards.append([])
+                size = 0
+            shards[-1].append(name)
+            size += nbytes
+        n = len(shards)
+        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+        try:
+            for file, shard in zip(names, shards):  # one shard at a time on the CPU
+                part = {k: tensors[k].detach().cpu().contiguous() for k in shard}
+                save_file(part, tmp / file, metadata={"format": "pt"})
+            if n > 1:
+                index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                         "weight_map": {k: file for file, shard in zip(names, shards) for k in shard}}
+                (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+            generation = {"_from_model_config": True, "bos_token_id": config.bos_token_id,
+                          "eos_token_id": config.eos_token_id}
+            (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
+            umask = os.umask(0)
+            os.umask(umask)
+            for p in [tmp, *tmp.iterdir()]:  # mkdtemp makes the directory private; give it the usual modes
+                os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+            if path.exists():  # swap: the old directory stays whole until the new one is in place
+                old = path.parent / f".{path.name}.old-{uuid.uuid4().hex}"
+                os.rename(path, old)
+                os.rename(tmp, path)
+                shutil.rmtree(old)
+            else:
+                os.rename(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def _int8_config(self):
+        """quantization_config as transformers' BitsAndBytesConfig(load_in_8bit=True) writes it."""
+        thresholds = {m.threshold for m in self.modules() if isinstance(m, quantize.Int8Linear)}
+        if len(thresholds) != 1:
+            raise ValueError(f"save_pretrained: Int8Linear layers disagree on threshold ({sorted(thresholds)})")
+        skip = [name for name, m in self.named_modules() if isinstance(m, nn.Linear)]  # linears left in float
+        return {"quant_method": "bitsandbytes", "load_in_8bit": True, "load_in_4bit": False,
+                "_load_in_8bit": True, "_load_in_4bit": False, "llm_int8_threshold": thresholds.pop(),
+                "llm_int8_has_fp16_weight": False, "llm_int8_skip_modules": skip or None,
+                "llm_int8_enable_fp32_cpu_offload": False, "bnb_4bit_compute_dtype": "float32",
+                "bnb_4bit_quant_storage": "uint8", "bnb_4bit_quant_type": "fp4", "bnb_4bit_use_double_quant": False}
+
+
+def _parse_size(size):
+    """Bytes from an int or a string like '5GB' or '500MB' (decimal units, as transformers counts them)."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMG]?B)", str(size).strip().upper())
+    if not isinstance(size, int) and not m:
+        raise ValueError(f"max_shard_size {size!r}: expected bytes or a size like '5GB'")
+    return size if isinstance(size, int) else int(float(m[1]) * {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9}[m[2]])
+
+
+def _weight_files(path):
+    """The safetensors files of a checkpoint directory and its index's weight map (None when unsharded)."""
+    index_file = path / "model.safetensors.index.json"
+    if index_file.is_file():
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index_file}: not a safetensors index ({e!r})") from None
+        files = [path / f for f in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.is_file():
+                raise FileNotFoundError(f"{f}: listed in {index_file} but missing")
+        return files, weight_map
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"], None
+    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
+                            f"(only safetensors checkpoints are supported)")
+
+
+def _open(file, device=None):
+    try:
+        return safe_open(str(file), framework="pt", device=str(device or "cpu"))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{file}: broken safetensors file ({e})") from None
+
+
+def _swap_in_int8(model, qconfig, source):
+    """Replace the linears an LLM.int8 checkpoint quantized by (meta) Int8Linear layers; returns their names."""
+    if qconfig.get("quant_method") != "bitsandbytes" or not qconfig.get("load_in_8bit") \
+            or qconfig.get("llm_int8_has_fp16_weight"):
+        raise ValueError(f"{source}: quantization_config is not bitsandbytes LLM.int8 with int8 weights "
+                         f"(load_in_8bit true, llm_int8_has_fp16_weight false): {qconfig}")
+    skip = qconfig.get("llm_int8_skip_modules") or ["lm_head"]  # transformers' default keeps the output layer float
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)
+             and not any(name == s or f"{s}." in f"{name}." for s in skip)]  # transformers' name matching
+    for name in names:
+        linear = model.get_submodule(name)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, quantize.Int8Linear(
+            linear.in_features, linear.out_features, bias=linear.bias is not None,
+            threshold=float(qconfig.get("llm_int8_threshold", 6.0)), device="meta", dtype=linear.weight.dtype))
+    return set(names)
+
+
+def _check_checkpoint(path, files, index, expected, int8):
+    """Compare every name, shape and dtype in the files' headers with the model before any data is read."""
+    found, problems = {}, []
+    for file in files:
+        with _open(file) as st:
+            for name in st.keys():
+                sl = st.get_slice(name)
+                shape, dtype = list(sl.get_shape()), sl.get_dtype()
+                found[name] = file
+                module = name.rsplit(".", 1)[0]
+                if name.endswith(".weight_format") and module in int8:
+                    if (layout := st.get_tensor(name).item()) != 0:
+                        problems.append(f"{name} in {file} is {layout}: an old tiled int8 layout (col32/turing/"
+                                        f"ampere), not row-major (0); re-save it with bitsandbytes >= 0.44")
+                elif name in expected:
+                    want = expected[name]
+                    if shape != list(want.shape):
+                        problems.append(f"{name} in {file} has shape {shape}, the model expects {list(want.shape)}")
+                    is_int8 = name.endswith(".weight") and module in int8
+                    if (dtype == "I8") != is_int8 or not (is_int8 or dtype in ("F16", "BF16", "F32", "F64")):
+                        problems.append(f"{name} in {file} has dtype {dtype}, the model expects "
+                                        f"{'I8' if is_int8 else 'a float'}")
+                elif name != "lm_head.weight":  # (a tied checkpoint's stray lm_head copy is ignored)
+                    hint = name.endswith(".SCB") and not int8
+                    problems.append(f"unexpected tensor {name} in {file}"
+                                    + (" (an 8-bit checkpoint, but config.json has no quantization_config)" * hint))
+    missing = [name for name in expected if name not in found]
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''} "
+                        f"({len(missing)} in all)")
+    if index is not None:
+        problems += [f"{name} listed in the index is in none of the files" for name in index if name not in found]
+    if problems:
+        raise ValueError(f"{path}: checkpoint does not match its config.json:\n  " + "\n  ".join(problems))
+
+# ----------------------------------------------------------------------------- generation
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, plus which slots hold real tokens.
+
+    Slots fill left to right; a padded prompt occupies all its slots but its pad slots stay invalid, so left and
+    right padding both work. All state that changes per step is a tensor updated in place: no host syncs, fixed
+    addresses and shapes, so a decode step can be captured by torch.compile / CUDA graphs (as in gpt-fast)."""
+
+    def __init__(self, model, batch_size, max_len):
+        c, weight = model.config, model.model.embed_tokens.weight
+        shape = (c.num_hidden_layers, batch_size, c.num_key_value_heads, max_len, c.head_dim)
+        self.k = torch.zeros(shape, dtype=weight.dtype, device=weight.device)  # (L, B, KV, S, D)
+        self.v = torch.zeros(shape, dtype=weight.dtype, device=weight.device)  # (L, B, KV, S, D)
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=weight.device)  # slot has a token
+        self.next_slot = torch.zeros((), dtype=torch.long, device=weight.device)  # first free slot
+        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=weight.device)  # each row's next position
+        self.slots = None  # (T,) slots of the tokens being appended
+        for t in (self.k, self.v, self.valid, self.next_slot, self.next_pos):
+            torch._dynamo.mark_static_address(t)  # in-place updates at fixed addresses: no recompiles under compile
+
+    def append(self, valid):
+        """Claim slots for T new tokens per row (valid (B, T) bool); returns the attention mask and positions."""
+        T = valid.shape[1]
+        self.slots = self.next_slot + torch.arange(T, device=valid.device)  # (T,)
+        self.valid.index_copy_(1, self.slots, valid)
+        pos = self.next_pos[:, None] + (valid.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        self.next_pos += valid.sum(-1)
+        self.next_slot += T
+        return causal_padding_mask(self.valid, self.slots), pos
+
+    def update(self, layer, k, v):  # k, v (B, KV, T, D) -> the layer's whole cache (B, KV, S, D)
+        self.k[layer].index_copy_(2, self.slots, k)
+        self.v[layer].index_copy_(2, self.slots, v)
+        return self.k[layer], self.v[layer]
+
+
+def sample(logits, temperature=0.0, top_k=None, generator=None):
+    """(B, V) logits -> (B,) ids: argmax at temperature 0, else a draw from softmax(logits / temperature)
+    restricted to the top_k most likely tokens."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def decode_step(model, tokens, cache):
+    """One new token per row, (B, 1) ids -> (B, V) next-token logits. Fixed shapes and no host syncs."""
+    return model(tokens, cache=cache)[:, -1]
+
+
+def _static_cache(model, batch_size, max_len):
+    """One cache kept on the model and reused: a CUDA graph records fixed addresses, so a fresh cache per call
+    would re-record it. Lengths round up to 256 so that calls with different lengths share it."""
+    max_len = -(-max_len // 256) * 256
+    cache = getattr(model, "_static_kv_cache", None)
+    weight = model.model.embed_tokens.weight
+    if cache is None or (cache.k.shape[1], cache.k.shape[3]) != (batch_size, max_len) or cache.k.dtype != weight.dtype \
+            or cache.k.device != weight.device:
+        cache = model._static_kv_cache = KVCache(model, batch_size, max_len)
+    for t in (cache.valid, cache.next_slot, cache.next_pos):
+        t.zero_()  # stale keys and values may stay: invalid slots are masked
+    return cache
+
+
+@functools.cache
+def _compiled_decode_step():
+    return torch.compile(decode_step, mode="reduce-overhead", fullgraph=True)  # CUDA graphs: no launch overhead
+
+
+@torch.no_grad()
+def generate(model, input_ids, max_new_tokens, temperature=0.0, top_k=None, stop_ids=(), attention_mask=None,
+             pad_id=0, on_token=None, generator=None, compile=False):
+    """Continue each row of input_ids (B, T); returns (B, T + n), n <= max_new_tokens new tokens per row.
+
+    attention_mask (B, T) marks real tokens (1) and padding (0), on either side. A row that emits one of
+    stop_ids keeps that token and gets pad_id after it; generation ends early once every row has stopped.
+    on_token(tokens) sees each step's (B,) new tokens as they come (streaming). compile=True runs the decode
+    step through torch.compile with CUDA graphs (worth it on a GPU; the first call compiles)."""
+    B, T = input_ids.shape
+    device = input_ids.device
+    valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    cache = _static_cache(model, B, T + max_new_tokens) if compile else KVCache(model, B, T + max_new_tokens)
+    h = model.hidden_states(input_ids, valid, cache)                     # (B, T, C)
+    last = (valid * torch.arange(T, device=device)).argmax(-1)            # each row's last real token
+    logits = model.lm_head(h[torch.arange(B, device=device), last])      # (B, V): lm_head on B rows, not B*T
+    stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    step = _compiled_decode_step() if compile else decode_step
+    new = []
+    for i in range(max_new_tokens):
+        drawn = sample(logits, temperature, top_k, generator)  # (B,)
+        token = torch.where(done, pad_id, drawn)  # (B,) finished rows get pad_id
+        new.append(token)
+        if on_token is not None:
+            on_token(token)
+        if len(stop):
+            done |= torch.isin(token, stop)
+            if done.all():  # the loop's only host sync, and only when there is something to stop on
+                break
+        if i + 1 < max_new_tokens:
+            # finished rows are fed their (ignored) draw, which is always a valid id, unlike pad_id may be
+            logits = step(model, drawn[:, None], cache).clone()  # clone: a CUDA graph reuses its output buffer
+    return torch.cat([input_ids, torch.stack(new, 1) if new else input_ids[:, :0]], dim=1)
