@@ -27,6 +27,7 @@ References: arXiv 2208.07339 (LLM.int8); bitsandbytes 0.45+ int8_vectorwise_quan
 int8_mixed_scaled_mm (default backend); transformers' bitsandbytes integration (checkpoint layout).
 """
 import argparse
+import shutil
 import time
 from pathlib import Path
 
@@ -190,6 +191,9 @@ def dequantize_model(model, dtype=torch.float32):
 # ----------------------------------------------------------------------------- command line
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
 def _tensor_bytes(model):
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
@@ -223,6 +227,9 @@ def main(argv=None):
         got = model(ids).float()  # (P, T, V)
     after = _tensor_bytes(model)
     model.save_pretrained(args.out_dir)
+    for name in TOKENIZER_FILES:  # an 8-bit directory is a whole model: generate and eval need its tokenizer
+        if (Path(args.in_dir) / name).is_file():
+            shutil.copy2(Path(args.in_dir) / name, Path(args.out_dir) / name)
     with torch.no_grad():
         reloaded = StableLM.from_pretrained(args.out_dir).eval()(ids).float()
     if not torch.equal(reloaded, got):

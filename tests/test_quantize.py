@@ -12,6 +12,7 @@ plus floating-point rounding of the dequantization and of the outlier matmul in 
 """
 import json
 import shutil
+import shutil
 import subprocess
 import sys
 
@@ -410,8 +411,10 @@ def test_model_refuses_tiled_weight_format(tmp_path):
 
 
 def test_model_command_line_end_to_end(tmp_path):
-    out = tmp_path / "int8"
-    command = [sys.executable, str(ROOT / "quantize.py"), str(TINY), str(out), "--prompts", "2", "--prompt-len", "16"]
+    src, out = tmp_path / "src", tmp_path / "int8"
+    shutil.copytree(TINY, src)
+    shutil.copy(FIXTURES / "gpt-neox-20b-tokenizer" / "tokenizer.json", src)  # a whole model directory
+    command = [sys.executable, str(ROOT / "quantize.py"), str(src), str(out), "--prompts", "2", "--prompt-len", "16"]
     run = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert run.returncode == 0, run.stderr
     assert "worst relative logit change" in run.stdout and "MB ->" in run.stdout
@@ -421,3 +424,4 @@ def test_model_command_line_end_to_end(tmp_path):
     for k in theirs:
         if k.endswith((".SCB", ".weight_format")) or theirs[k].dtype == torch.int8:
             assert torch.equal(mine[k], theirs[k]), k
+    assert (out / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
