@@ -583,7 +583,8 @@ def generate(model, input_ids, max_new_tokens, temperature=0.0, top_k=None, stop
 
     attention_mask (B, T) marks real tokens (1) and padding (0), on either side. A row that emits one of
     stop_ids keeps that token and gets pad_id after it; generation ends early once every row has stopped.
-    on_token(tokens) sees each step's (B,) new tokens as they come (streaming). compile=True runs the decode
+    on_token(tokens) sees each step's (B,) new tokens as they come (streaming); if it returns a (B,) bool tensor,
+    rows marked True stop as if they had emitted a stop id (stop strings, say). compile=True runs the decode
     step through torch.compile with CUDA graphs (worth it on a GPU; the first call compiles)."""
     B, T = input_ids.shape
     device = input_ids.device
@@ -600,10 +601,12 @@ def generate(model, input_ids, max_new_tokens, temperature=0.0, top_k=None, stop
         drawn = sample(logits, temperature, top_k, generator)  # (B,)
         token = torch.where(done, pad_id, drawn)  # (B,) finished rows get pad_id
         new.append(token)
-        if on_token is not None:
-            on_token(token)
+        finished = on_token(token) if on_token is not None else None
+        if finished is not None:  # the callback's own stop rule, e.g. stop strings in the decoded text
+            done |= finished
         if len(stop):
             done |= torch.isin(token, stop)
+        if finished is not None or len(stop):
             if done.all():  # the loop's only host sync, and only when there is something to stop on
                 break
         if i + 1 < max_new_tokens:

@@ -238,6 +238,26 @@ def test_streaming_sees_every_token():
     assert torch.tensor(seen).T.tolist() == out[:, 4:].tolist()
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_on_token_can_stop_rows(seed):
+    """A callback that returns a (B,) bool stops those rows like a stop id: the row keeps the token it saw, pads
+    after it, and generation ends once every row has stopped."""
+    model = random_model(seed)
+    ids = random_ids(model, 3, 4, seed)
+    free = generate(model, ids, 8)[:, 4:]
+    stop_after = torch.tensor([2, 5, 3])  # row r stops once it has r's count of new tokens
+    count = torch.zeros(3, dtype=torch.long)
+
+    def on_token(token):
+        count.add_(1)
+        return count >= stop_after
+
+    out = generate(model, ids, 8, on_token=on_token, pad_id=-1)[:, 4:]
+    assert out.shape[1] == 5
+    for row, n in enumerate(stop_after.tolist()):
+        assert out[row, :n].tolist() == free[row, :n].tolist() and (out[row, n:] == -1).all()
+
+
 def test_decode_step_compiles_to_one_graph_and_is_reused(monkeypatch):
     """compile=True: the decode step traces without graph breaks (fullgraph), every later step and call reuses
     that graph (a recompile raises), and the tokens equal eager decoding. The eager backend keeps this fast on a
