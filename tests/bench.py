@@ -1,32 +1,62 @@
-"""tests/bench.py: throughput of model.py on the current device (`make bench`, `python tests/bench.py --help`).
+"""tests/bench.py: throughput of remask on the current device (`make bench`, `python tests/bench.py --help`).
 
 Each benchmark is a function (model, args) -> dict of measurements, registered in BENCHMARKS; the command line
 runs the chosen benchmarks on the chosen named configs and prints one line each. Weights are random: speed does
-not depend on their values. Defaults: the debug config in fp32 on a CPU; on a GPU also stablelm-3b-4e1t, in bf16.
+not depend on their values. With no arguments everything runs: the debug config on a CPU; on a GPU also
+stablelm-3b-4e1t (inference in bf16, training in bf16 autocast over fp32 master weights, as remask.py trains).
 
-  forward  inference forward passes of a (batch, seq) block: tokens/s and achieved TFLOP/s (MFU on known GPUs)
-  decode   batch-1 greedy generation with the KV cache: tokens/s, and the weight bytes read per second
+  forward    inference forward passes of a (batch, seq) block: tokens/s and achieved TFLOP/s (MFU on known GPUs)
+  step       the ReMask micro-step with gradients: both passes in one forward of a 2B batch + the chunked loss
+             (remask.py's), against two separate forwards of the same model + the chunked loss, and against two
+             forwards + a direct fp32 loss (F.cross_entropy / log_softmax on .float() logits, the naive way);
+             sequence tokens/s, MFU, peak memory and the ratios, in the same run
+  optimizer  the recipe's whole optimizer step: --accum micro-steps (256 sequences at micro-batch 16) + Lilith
+             with fp32 state over fp32 master weights: seconds and peak memory (does it fit an 80 GB card?)
+  decode     batch-1 greedy generation with the KV cache: tokens/s, and the weight bytes read per second
+  int8       tests/bench_quantize.py: LLM.int8 against bf16 for batch-1 decode matmuls
 
 Peak numbers are dense bf16 (REFERENCE.md section 9); an unknown device prints "n/a", never a guessed MFU.
+Peak memory: torch.cuda.max_memory_allocated on a GPU; on a CPU the process's peak resident size (VmHWM),
+reset before each measurement.
 """
 import argparse
 import sys
 import time
 from pathlib import Path
 
+from contextlib import nullcontext
+
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_quantize  # noqa: E402
 from model import CONFIGS, Config, StableLM, generate  # noqa: E402
+from remask import IGNORE_INDEX, Lilith, peak_flops, remask_loss_parts  # noqa: E402
 
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+def reset_peak_memory(device):
+    """Start a peak-memory measurement: the CUDA allocator's counter, or the kernel's VmHWM on Linux."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident size
+    except OSError:
+        pass
 
 
-def peak_flops(device, dtype):
-    if device.type != "cuda" or dtype != torch.bfloat16:
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+def peak_memory(device):
+    """GB at the peak since reset_peak_memory, as a string ("n/a" where it cannot be read)."""
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 1e9:.2f} GB"
+    try:
+        status = Path("/proc/self/status").read_text()
+        return f"{int(status.split('VmHWM:')[1].split()[0]) * 1024 / 1e9:.2f} GB RSS"
+    except (OSError, IndexError, ValueError):
+        return "n/a"
 
 
 def seconds_per_call(fn, device, warmup, iters):
@@ -67,7 +97,107 @@ def bench_decode(model, args):
             "weights GB/s": f"{weight_bytes * tokens_per_s / 1e9:,.1f}"}
 
 
-BENCHMARKS = {"forward": bench_forward, "decode": bench_decode}
+def remask_batch(config, batch, seq, device, generator=None):
+    """Random token ids (B, T), a masked copy, labels on the last 3/4 of each row (a prompt of 1/4 is not
+    graded) and the KL positions: the shapes of a ReMask micro-batch."""
+    ids = torch.randint(0, config.vocab_size - 1, (batch, seq), generator=generator).to(device)  # (B, T)
+    target = torch.arange(seq, device=device) >= seq // 4  # (T,)
+    labels = torch.where(target, ids, IGNORE_INDEX)  # (B, T)
+    masked = torch.where(target & (torch.rand(batch, seq, generator=generator).to(device) < 0.4),
+                         config.vocab_size - 1, ids)  # (B, T): 40% of the targets -> a "mask" id
+    return masked, ids, labels, target.expand(batch, seq)
+
+
+def direct_remask_loss(logits_masked, logits_full, labels, kl_mask, kl_weight=0.1):
+    """The ReMask loss the straightforward way: fp32 copies of both logits, torch's own functions."""
+    y = labels[:, 1:].flatten()  # (N,)
+    lp = logits_masked[:, :-1].float().log_softmax(-1).flatten(0, 1)  # (N, V)
+    lq = logits_full[:, :-1].float().log_softmax(-1).flatten(0, 1)  # (N, V)
+    ce = 0.5 * (F.nll_loss(lp, y, ignore_index=IGNORE_INDEX) + F.nll_loss(lq, y, ignore_index=IGNORE_INDEX))
+    on = kl_mask[:, 1:].flatten()  # (N,)
+    kl = 0.5 * (F.kl_div(lq, lp, log_target=True, reduction="none") + F.kl_div(lp, lq, log_target=True,
+                                                                                reduction="none")).sum(-1)  # (N,)
+    return ce + kl_weight * (kl * on).sum() / on.sum()
+
+
+def training_autocast(device, args):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if args.train_precision == "bf16" else nullcontext()
+
+
+def bench_step(model, args):
+    """One ReMask micro-step with gradients, three ways, in the same run on the same model and batch."""
+    device = model.lm_head.weight.device
+    model.train()
+    masked, ids, labels, kl_mask = remask_batch(model.config, args.micro_batch, args.seq, device)
+    autocast = training_autocast(device, args)
+
+    def one_forward():  # remask.py: both passes as one (2B, T) batch, the chunked loss
+        with autocast:
+            logits = model(torch.cat([masked, ids]))  # (2B, T, V)
+        remask_loss_parts(*logits.chunk(2), labels, 0.1, kl_mask=kl_mask).loss.backward()
+
+    def two_forwards():  # the same loss, the passes as two forwards
+        with autocast:
+            logits_masked, logits_full = model(masked), model(ids)  # (B, T, V) each
+        remask_loss_parts(logits_masked, logits_full, labels, 0.1, kl_mask=kl_mask).loss.backward()
+
+    def naive():  # two forwards and the direct fp32 loss
+        with autocast:
+            logits_masked, logits_full = model(masked), model(ids)  # (B, T, V) each
+        direct_remask_loss(logits_masked, logits_full, labels, kl_mask).backward()
+
+    flops = 2 * args.micro_batch * args.seq * model.flops_per_token(args.seq)  # two passes with gradients
+    peak = peak_flops(device, torch.bfloat16 if isinstance(autocast, torch.autocast) else model.lm_head.weight.dtype)
+    variants = {"one 2B forward": one_forward, "two forwards": two_forwards, "naive": naive}
+    times, memory = {name: float("inf") for name in variants}, {}
+    for round_ in range(3):  # interleaved rounds, best of each: drift in machine speed hits every variant alike
+        for name, fn in variants.items():
+            model.zero_grad(set_to_none=True)
+            reset_peak_memory(device)
+            sec = seconds_per_call(fn, device, args.warmup if round_ == 0 else 0, args.iters)
+            times[name], memory[name] = min(times[name], sec), memory.get(name) or peak_memory(device)
+    model.zero_grad(set_to_none=True)
+    result = {"micro_batch": args.micro_batch, "seq": args.seq}
+    for name, sec in times.items():
+        mfu = f"{flops / sec / peak:.1%}" if peak else "n/a"
+        result[name] = f"{sec * 1e3:.1f} ms, {args.micro_batch * args.seq / sec:,.0f} tok/s, MFU {mfu}, peak {memory[name]}"
+    result["speed-up vs two forwards"] = f"{times['two forwards'] / times['one 2B forward']:.2f}x"
+    result["speed-up vs naive"] = f"{times['naive'] / times['one 2B forward']:.2f}x"
+    return result
+
+
+def bench_optimizer(model, args):
+    """The recipe's optimizer step: args.accum micro-steps, then Lilith (fp32 state over fp32 weights)."""
+    device = model.lm_head.weight.device
+    model.train()
+    model.gradient_checkpointing = args.grad_checkpointing
+    optimizer = Lilith(model.parameters(), lr=1e-5)
+    autocast = training_autocast(device, args)
+    batches = [remask_batch(model.config, args.micro_batch, args.seq, device) for _ in range(min(args.accum, 2))]
+
+    def step():
+        for i in range(args.accum):
+            masked, ids, labels, kl_mask = batches[i % len(batches)]
+            with autocast:
+                logits = model(torch.cat([masked, ids]))  # (2B, T, V)
+            n = args.accum * int(kl_mask[:, 1:].sum())  # the step's label tokens = its KL positions here
+            remask_loss_parts(*logits.chunk(2), labels, 0.1, kl_mask=kl_mask, num_tokens=n,
+                              num_kl_positions=n).loss.backward()
+            del logits
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    reset_peak_memory(device)
+    sec = seconds_per_call(step, device, 1, 1)
+    model.gradient_checkpointing = False
+    sequences = args.accum * args.micro_batch
+    return {"micro_batch": args.micro_batch, "accum": args.accum, "grad_checkpointing": args.grad_checkpointing,
+            "step": f"{sec:.2f} s ({sequences} sequences, {sequences * args.seq / sec:,.0f} tok/s)",
+            "peak": peak_memory(device)}
+
+
+BENCHMARKS = {"forward": bench_forward, "step": bench_step, "optimizer": bench_optimizer, "decode": bench_decode}
+TRAINING = {"step", "optimizer"}  # benchmarks that train: fp32 master weights (+ bf16 autocast on a GPU)
 
 # ----------------------------------------------------------------------------- command line
 
@@ -79,32 +209,42 @@ def build(config, device, dtype):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bench", nargs="+", choices=list(BENCHMARKS), default=["forward"], help="benchmarks to run")
+    p.add_argument("--bench", nargs="+", choices=[*BENCHMARKS, "int8"], default=[*BENCHMARKS, "int8"],
+                   help="benchmarks to run (default: all)")
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS),
                    help="named configs (default: debug; on CUDA also stablelm-3b-4e1t)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
+                   help="inference weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--train-precision", choices=["bf16", "fp32"],
+                   help="step/optimizer: bf16 autocast over fp32 weights (default on CUDA) or fp32 (default on CPU)")
     p.add_argument("--batch", type=int, default=8, help="forward: sequences per call")
-    p.add_argument("--seq", type=int, default=256, help="forward: tokens per sequence")
-    p.add_argument("--warmup", type=int, default=2, help="forward: untimed calls first")
-    p.add_argument("--iters", type=int, default=5, help="forward: timed calls")
+    p.add_argument("--seq", type=int, default=256, help="forward, step, optimizer: tokens per sequence")
+    p.add_argument("--micro-batch", type=int, default=16, help="step, optimizer: sequences per micro-step")
+    p.add_argument("--accum", type=int, default=16, help="optimizer: micro-steps per optimizer step (16 x 16 = 256)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="optimizer: recompute blocks in backward")
+    p.add_argument("--warmup", type=int, default=2, help="forward, step: untimed calls first")
+    p.add_argument("--iters", type=int, default=5, help="forward, step: timed calls")
     p.add_argument("--new-tokens", type=int, default=64, help="decode: tokens generated per call")
     p.add_argument("--compile", action="store_true", help="decode: torch.compile + CUDA graphs for the decode step")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    args.train_precision = args.train_precision or ("bf16" if device.type == "cuda" else "fp32")
     names = args.configs or (["debug", "stablelm-3b-4e1t"] if device.type == "cuda" else ["debug"])
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"device {where}  dtype {str(dtype)[6:]}  torch {torch.__version__}")
+    print(f"device {where}  inference dtype {str(dtype)[6:]}  training {args.train_precision} over fp32 weights  "
+          f"torch {torch.__version__}")
     for name in names:
-        model = build(Config.named(name), device, dtype)
-        for bench in args.bench:
+        for bench in [b for b in args.bench if b in BENCHMARKS]:
+            model = build(Config.named(name), device, torch.float32 if bench in TRAINING else dtype)
             result = BENCHMARKS[bench](model, args)
-            print(f"{bench:8s} {name:18s} " + "  ".join(f"{k} {v}" for k, v in result.items()), flush=True)
-        del model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+            print(f"{bench:9s} {name:18s} " + "  ".join(f"{k}: {v}" for k, v in result.items()), flush=True)
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    if "int8" in args.bench:
+        bench_quantize.run(device)
 
 
 if __name__ == "__main__":
