@@ -56,9 +56,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from data import (CoTRecord, DataError, Loader, MaskConfig, Tokenizer, collate, cot_prompt, embedded_dataset,
-                  embedded_tokenizer, encode_many, extract_answer, fit_length, format_record, load_tokenizer,
-                  mask_example, read_mixture)
+from data import (GSM8K_MAX_NEW_TOKENS, GSM8K_STOP, CoTRecord, DataError, Loader, MaskConfig, Tokenizer, chat_prompt,
+                  collate, cot_prompt, cut_at_stop, embedded_dataset, embedded_tokenizer, encode_many, extract_answer,
+                  fit_length, format_record, gsm8k_prompts, load_tokenizer, mask_example, read_gsm8k, read_mixture,
+                  score_gsm8k)
 from model import CONFIGS, Config, StableLM, generate
 
 # ----------------------------------------------------------------------------- objective
@@ -849,10 +850,31 @@ def _autocast(device, precision):
     return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
 
+class TextStream:
+    """The text of each row as tokens arrive, for streaming and for stop strings. Rows are decoded whole: a
+    byte-level BPE token can be part of a character, which decodes to U+FFFD until the rest arrives."""
+
+    def __init__(self, tok, rows, stop_strings=(), on_text=None):
+        self.tok, self.ids, self.text = tok, [[] for _ in range(rows)], [""] * rows
+        self.stop_strings, self.on_text = stop_strings, on_text
+
+    def __call__(self, tokens):  # (B,) new tokens -> (B,) bool: the row's text holds a stop string
+        for row, token in enumerate(tokens.tolist()):
+            self.ids[row].append(token)
+            text = self.tok.decode(self.ids[row])
+            if not text.endswith("\ufffd"):
+                if self.on_text is not None:
+                    self.on_text(text[len(self.text[row]):])
+                self.text[row] = text
+        return torch.tensor([any(s in t for s in self.stop_strings) for t in self.text], device=tokens.device)
+
+
 @torch.no_grad()
-def greedy_completions(model, tok, prompts, max_new_tokens, device, precision="fp32", batch_size=64) -> list:
-    """Greedy continuations of prompts (left-padded batches), cut after the first <|user|> or <|endoftext|>."""
-    stops = (tok.user_id, tok.eos_id)
+def greedy_completions(model, tok, prompts, max_new_tokens, device, precision="fp32", batch_size=64,
+                       stop_ids=None, stop_strings=(), log=None) -> list:
+    """Greedy continuations of prompts (left-padded batches), cut after the first stop id (default <|user|>,
+    <|endoftext|>) and before the first stop string (these cost a decode per token, so only when asked)."""
+    stop_ids = (tok.user_id, tok.eos_id) if stop_ids is None else stop_ids
     out = []
     for start in range(0, len(prompts), batch_size):
         encoded = [tok.encode(p) for p in prompts[start:start + batch_size]]
@@ -862,11 +884,14 @@ def greedy_completions(model, tok, prompts, max_new_tokens, device, precision="f
         for row, e in enumerate(encoded):
             ids[row, T - len(e):], mask[row, T - len(e):] = torch.tensor(e), 1
         with _autocast(device, precision):
-            rows = generate(model, ids.to(device), max_new_tokens, stop_ids=stops, attention_mask=mask.to(device),
-                            pad_id=tok.pad_id)[:, T:].tolist()
+            rows = generate(model, ids.to(device), max_new_tokens, stop_ids=stop_ids, attention_mask=mask.to(device),
+                            pad_id=tok.pad_id, on_token=TextStream(tok, len(encoded), stop_strings)
+                            if stop_strings else None)[:, T:].tolist()
         for row in rows:
-            cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
-            out.append(tok.decode(row[:cut]))
+            cut = next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))
+            out.append(cut_at_stop(tok.decode(row[:cut]), stop_strings))
+        if log is not None:
+            log(f"{len(out)}/{len(prompts)} prompts done")
     return out
 
 
@@ -1183,6 +1208,69 @@ def compare(base: TrainConfig, seeds, modes=MODES[::-1], log=print) -> dict:
         f"{device}; results in {Path(base.out) / 'results.json'}")
     return results
 
+# ----------------------------------------------------------------------------- using a model: chat and GSM8K
+
+
+def load_for_inference(path, device_name="auto") -> tuple:
+    """(tokenizer, model, device) of a Hugging Face directory, float or 8-bit, ready for generation."""
+    device = torch.device(device_name if device_name != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    path = Path(path).expanduser()
+    try:
+        tok = load_tokenizer(path)
+        model = StableLM.from_pretrained(path, device=device).eval()
+    except (FileNotFoundError, ValueError) as e:
+        raise TrainError(f"--model {path}: {e}") from None
+    if len(tok) > model.config.vocab_size:
+        raise TrainError(f"--model {path}: the tokenizer needs {len(tok)} embedding rows but the model has only "
+                         f"{model.config.vocab_size}; fine-tune it with remask.py train first (which grows them)")
+    return tok, model, device
+
+
+def stream_reply(model, tok, prompt, device, max_new_tokens, temperature=0.0, top_k=None, seed=0, write=print) -> str:
+    """Write the continuation of prompt piece by piece as it is generated, up to <|user|> or the end of text."""
+    stops = torch.tensor([tok.user_id, tok.eos_id], device=device)
+    text = TextStream(tok, 1, on_text=lambda piece: write(piece, end="", flush=True))
+    shown = lambda token: None if torch.isin(token, stops).any() else text(token)  # noqa: E731 (tags unprinted)
+    generate(model, torch.tensor([tok.encode(prompt)], device=device), max_new_tokens, temperature, top_k,
+             stop_ids=tuple(stops.tolist()), on_token=shown, generator=torch.Generator(device).manual_seed(seed))
+    write()
+    return text.text[0].strip()
+
+
+def chat_loop(respond, read_line=input, write=print) -> list:
+    """A terminal conversation: each user line goes to respond(prompt) -> reply, the prompt holding the whole
+    history in the chat format; /reset forgets the history, /exit (or end of input) leaves. Returns the history."""
+    history = []
+    write("chat: /reset forgets the conversation, /exit leaves")
+    while True:
+        try:
+            line = read_line("you> ").strip()
+        except EOFError:
+            return history
+        if line == "/exit":
+            return history
+        if line == "/reset":
+            history = []
+            write("(history cleared)")
+        elif line:
+            history.append((line, respond(chat_prompt(history, line))))
+
+
+def evaluate_gsm8k(complete, problems, train=None, format="harness", limit=None) -> tuple:
+    """(scores, rows) of the lm-evaluation-harness GSM8K task. complete(prompts, stop_strings) -> completions cut
+    at those strings (the model in `eval`, a script in the tests); scores as data.score_gsm8k; one row per problem
+    with its prompt, completion and extracted answers."""
+    problems = problems[:limit] if limit else problems
+    prompts = gsm8k_prompts(problems, train, format)
+    completions = complete(prompts, GSM8K_STOP[format])
+    scores = score_gsm8k(completions, [p.answer for p in problems], format)
+    rows = [{"index": i, "prompt": prompt, "completion": completion, "reference": problem.answer,
+             **{name: score.extracted[i] for name, score in scores.items()},
+             **{f"{name}_correct": score.correct[i] for name, score in scores.items()}}
+            for i, (prompt, completion, problem) in enumerate(zip(prompts, completions, problems))]
+    return scores, rows
+
+
 # ----------------------------------------------------------------------------- command line
 
 
@@ -1224,20 +1312,53 @@ def cmd_compare(args):
 
 
 def cmd_generate(args):
-    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
-    path = Path(args.model).expanduser()
-    try:
-        tok, model = load_tokenizer(path), StableLM.from_pretrained(path, device=device)
-    except (FileNotFoundError, ValueError) as e:
-        raise TrainError(f"--model {path}: {e}") from None
-    prompt = cot_prompt(args.prompt) if args.cot else args.prompt
+    tok, model, device = load_for_inference(args.model, args.device)
+    prompt = cot_prompt(args.prompt) if args.cot else chat_prompt([], args.prompt)
     print(prompt, end="", flush=True)
-    stream = (lambda token: print(tok.decode(token.tolist()), end="", flush=True))
-    ids = torch.tensor([tok.encode(prompt)], device=device)
-    generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, stop_ids=(tok.user_id, tok.eos_id),
-             on_token=stream, generator=torch.Generator(device).manual_seed(args.seed))
-    print()
+    stream_reply(model, tok, prompt, device, args.max_new_tokens, args.temperature, args.top_k, args.seed)
     return 0
+
+
+def cmd_chat(args):
+    tok, model, device = load_for_inference(args.model, args.device)
+    chat_loop(lambda prompt: stream_reply(model, tok, prompt, device, args.max_new_tokens, args.temperature,
+                                          args.top_k, args.seed))
+    return 0
+
+
+def cmd_eval(args):
+    if args.format == "harness" and not args.fewshot_data:
+        raise TrainError("--format harness needs --fewshot-data (the GSM8K train split, for the 5-shot examples)")
+    problems = read_gsm8k(args.data)
+    train = read_gsm8k(args.fewshot_data) if args.format == "harness" else None
+    tok, model, device = load_for_inference(args.model, args.device)
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    # harness: only <|endoftext|> is a stop id; it drops tags and goes on, so "Question:" etc. end the answer
+    stop_ids = (tok.eos_id,) if args.format == "harness" else (tok.user_id, tok.eos_id)
+    complete = lambda prompts, stops: greedy_completions(  # noqa: E731
+        model, tok, prompts, args.max_new_tokens, device, precision, args.batch_size, stop_ids, stops,
+        log=lambda line: print(line, file=sys.stderr, flush=True))
+    t0 = time.time()
+    scores, rows = evaluate_gsm8k(complete, problems, train, args.format, args.limit)
+    output = Path(args.output or f"gsm8k-{args.format}.jsonl")
+    _atomic_text(output, "".join(json.dumps(row) + "\n" for row in rows))
+    print(f"GSM8K ({args.format} format, {len(rows)} problems, {time.time() - t0:.0f}s on {device}; {output}):")
+    for name, score in scores.items():
+        stderr = "n/a" if score.stderr is None else f"{score.stderr:.4f}"
+        print(f"  {name}: {score.accuracy:.4f} ± {stderr}")
+    return 0
+
+
+def _add_generation_flags(parser, max_new_tokens):
+    parser.add_argument("--model", required=True, help="Hugging Face model directory, float or 8-bit")
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="tokens to generate at most")
+    parser.add_argument("--device", default="auto", help="cuda, cpu, ...; auto: the GPU if there is one")
+
+
+def _add_sampling_flags(parser):
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
 
 
 def build_parser():
@@ -1257,16 +1378,35 @@ def build_parser():
                            help="modes to compare (default: all three)")
     add_config_flags(compare_p, {"name": "compare", **COMPARE})
     compare_p.set_defaults(run=cmd_compare)
-    gen = sub.add_parser("generate", help="continue a prompt with a trained model (streamed)")
-    gen.add_argument("prompt", help="the text to continue (with --cot: a question)")
-    gen.add_argument("--model", required=True, help="Hugging Face model directory (e.g. runs/demo/model)")
-    gen.add_argument("--cot", action="store_true", help="wrap the prompt in the CoT format: <|user|> ... <|rationale|>")
-    gen.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    gen.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
-    gen.add_argument("--device", default="auto", help="cuda, cpu, ...; auto: the GPU if there is one")
+    gen = sub.add_parser("generate", help="answer one prompt with a trained model (streamed)",
+                         description="Wrap --prompt in the chat template (or --cot: the CoT template) and stream the "
+                                     "reply until <|user|> or the end of text.")
+    gen.add_argument("--prompt", required=True, help="the user's message (with --cot: a question)")
+    gen.add_argument("--cot", action="store_true", help="ask in the CoT format: <|user|> ... <|rationale|>")
+    _add_generation_flags(gen, 256)
+    _add_sampling_flags(gen)
     gen.set_defaults(run=cmd_generate)
+    chat = sub.add_parser("chat", help="a multi-turn conversation in the terminal",
+                          description="Talk to a model in the chat format; /reset forgets the history, /exit leaves.")
+    _add_generation_flags(chat, 256)
+    _add_sampling_flags(chat)
+    chat.set_defaults(run=cmd_chat)
+    evaluate = sub.add_parser("eval", help="GSM8K as lm-evaluation-harness measures it (strict-match, 5-shot)",
+                              description="The harness's gsm8k task: 5-shot 'Question: ...\\nAnswer:' prompts drawn "
+                                          "with seed 1234, greedy decoding with its stop strings, strict-match and "
+                                          "flexible-extract accuracy with standard errors. --format cot asks in the "
+                                          "ReMask CoT template and reads the answer after <|answer|>.")
+    evaluate.add_argument("task", choices=["gsm8k"], help="the benchmark")
+    evaluate.add_argument("--data", required=True, help="GSM8K test split as JSON Lines (make data: "
+                                                        "data/gsm8k-test.jsonl)")
+    evaluate.add_argument("--fewshot-data", help="GSM8K train split for the 5-shot examples (data/gsm8k-train.jsonl)")
+    evaluate.add_argument("--format", choices=sorted(GSM8K_STOP), default="harness", help="prompt format")
+    evaluate.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    evaluate.add_argument("--batch-size", type=int, default=32, help="prompts per generation batch")
+    evaluate.add_argument("--output", help="JSON Lines of every prompt, completion and extracted answer "
+                                           "(default gsm8k-FORMAT.jsonl)")
+    _add_generation_flags(evaluate, GSM8K_MAX_NEW_TOKENS)
+    evaluate.set_defaults(run=cmd_eval)
     return parser
 
 

@@ -1,0 +1,133 @@
+"""The commands that use a trained model: GSM8K evaluation (pipeline and score arithmetic), chat history, generate.
+
+The scripted completions give a known accuracy, so the arithmetic of the score is checked without a model; the
+end-to-end runs use the tiny StableLM fixture (its vocabulary grown for the embedded tokenizer) through the CLI.
+"""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import FIXTURES, ROOT
+from data import GSM8K_STOP, GSM8KProblem, chat_prompt, cot_prompt, embedded_tokenizer, gsm8k_prompts
+from model import StableLM
+from remask import chat_loop, evaluate_gsm8k
+
+TRAIN = [GSM8KProblem(f"What is {i} + {i}?", f"{i} + {i} = {2 * i}\n#### {2 * i}") for i in range(1, 8)]
+TEST = [GSM8KProblem("Tom has 3 apples and buys 4. How many?", "3 + 4 = <<3+4=7>>7\n#### 7"),
+        GSM8KProblem("A box holds 1,200 pens; 200 are sold. How many are left?", "1200 - 200 = 1000\n#### 1,000"),
+        GSM8KProblem("It is -2 degrees and drops 3. What is it now?", "-2 - 3 = -5\n#### -5")]
+
+
+def scripted(completions):
+    """A stand-in for the model: returns fixed completions and records what it was asked."""
+    asked = []
+
+    def complete(prompts, stop_strings):
+        asked.append((list(prompts), stop_strings))
+        return completions[:len(prompts)]
+    return complete, asked
+
+
+def test_gsm8k_score_of_a_scripted_model():
+    """Row 0 strict and flexible right; row 1 only flexible right ('1000.' after no '####'); row 2 both wrong."""
+    complete, asked = scripted(["3 + 4 = 7\n#### 7", "So the answer is $1,000.", "#### 5 degrees, or -6"])
+    scores, rows = evaluate_gsm8k(complete, TEST, TRAIN, "harness")
+    assert asked == [(gsm8k_prompts(TEST, TRAIN, "harness"), GSM8K_STOP["harness"])]
+    strict, flexible = scores["strict-match"], scores["flexible-extract"]
+    assert strict.correct == [True, False, False] and flexible.correct == [True, True, False]
+    assert strict.accuracy == pytest.approx(1 / 3) and flexible.accuracy == pytest.approx(2 / 3)
+    # stderr = sample std / sqrt(n): for 1/3 of 3, sqrt(((2/3)^2 + 2 (1/3)^2) / 2) / sqrt(3) = 1/3
+    assert strict.stderr == pytest.approx(1 / 3) and flexible.stderr == pytest.approx(1 / 3)
+    assert [r["strict-match"] for r in rows] == ["7", "[invalid]", "5"]
+    assert [r["flexible-extract_correct"] for r in rows] == [True, True, False]
+    assert rows[1]["prompt"].endswith(f"Question: {TEST[1].question}\nAnswer:")
+
+
+def test_gsm8k_limit_and_cot_format():
+    complete, asked = scripted(["7+... \n<|answer|>\n7\n", "<|answer|>\n999"])
+    scores, rows = evaluate_gsm8k(complete, TEST, None, "cot", limit=2)
+    assert asked[0] == ([cot_prompt(p.question) for p in TEST[:2]], GSM8K_STOP["cot"])
+    assert scores["strict-match"].correct == [True, False] and len(rows) == 2
+
+
+def test_chat_keeps_history_in_the_chat_format_and_resets():
+    lines = iter(["hello", "", "how are you?", "/reset", "again", "/exit", "never read"])
+    prompts = []
+
+    def respond(prompt):
+        prompts.append(prompt)
+        return f"reply {len(prompts)}"
+
+    history = chat_loop(respond, read_line=lambda _: next(lines), write=lambda *a: None)
+    assert prompts == [chat_prompt([], "hello"),
+                       "<|user|>\nhello\n<|assistant|>\nreply 1\n<|user|>\nhow are you?\n<|assistant|>\n",
+                       chat_prompt([], "again")]
+    assert history == [("again", "reply 3")]
+
+
+def test_chat_ends_at_end_of_input():
+    def read_line(_):
+        raise EOFError
+    assert chat_loop(lambda p: "x", read_line=read_line, write=lambda *a: None) == []
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """The stablelm-tiny fixture with its vocabulary grown to the embedded tokenizer's, saved with it."""
+    path = tmp_path_factory.mktemp("tiny")
+    tok = embedded_tokenizer(tmp_path_factory.mktemp("cache"))
+    model = StableLM.from_pretrained(FIXTURES / "stablelm-tiny")
+    model.resize_vocab(len(tok))
+    model.save_pretrained(path / "model")
+    tok.save(path / "model")
+    return path / "model"
+
+
+def run_cli(*args, input_text=None):
+    run = subprocess.run([sys.executable, str(ROOT / "remask.py"), *map(str, args)], capture_output=True,
+                         text=True, timeout=120, cwd=ROOT, input=input_text)
+    return run
+
+
+def test_eval_command_end_to_end(tiny_model_dir, tmp_path):
+    for name, rows in (("test", TEST), ("train", TRAIN)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"question": p.question, "answer": p.answer}) + "\n"
+                                                        for p in rows))
+    out = tmp_path / "results.jsonl"
+    run = run_cli("eval", "gsm8k", "--model", tiny_model_dir, "--data", tmp_path / "test.jsonl", "--fewshot-data",
+                  tmp_path / "train.jsonl", "--max-new-tokens", "6", "--batch-size", "2", "--output", out,
+                  "--device", "cpu")
+    assert run.returncode == 0, run.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 3 and [r["reference"] for r in rows] == [p.answer for p in TEST]
+    for name in ("strict-match", "flexible-extract"):
+        accuracy = sum(r[f"{name}_correct"] for r in rows) / 3
+        assert f"{name}: {accuracy:.4f}" in run.stdout
+    assert rows[0]["prompt"] == gsm8k_prompts(TEST, TRAIN, "harness")[0]
+
+
+def test_generate_and_chat_commands_run(tiny_model_dir):
+    run = run_cli("generate", "--model", tiny_model_dir, "--prompt", "What is 2+2?", "--max-new-tokens", "5",
+                  "--device", "cpu")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith(chat_prompt([], "What is 2+2?"))
+    run = run_cli("chat", "--model", tiny_model_dir, "--max-new-tokens", "3", "--device", "cpu",
+                  input_text="hi\n/reset\nhello\n/exit\n")
+    assert run.returncode == 0, run.stderr
+
+
+def test_eval_command_errors_clearly(tiny_model_dir, tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"question": TEST[0].question, "answer": TEST[0].answer}) + "\n")
+    (tmp_path / "bad.jsonl").write_text('{"question": "q", "answer": "no final answer"}\n')
+    cases = [(("--model", tiny_model_dir, "--data", good), "--fewshot-data"),
+             (("--model", tiny_model_dir, "--data", tmp_path / "missing.jsonl", "--format", "cot"), "missing.jsonl"),
+             (("--model", tiny_model_dir, "--data", tmp_path / "bad.jsonl", "--format", "cot"), "bad.jsonl:1"),
+             (("--model", tmp_path / "nowhere", "--data", good, "--format", "cot"), "nowhere")]
+    for args, message in cases:
+        run = run_cli("eval", "gsm8k", *args)
+        assert run.returncode != 0 and message in run.stderr and "Traceback" not in run.stderr, run.stderr
