@@ -19,7 +19,9 @@ that turns batches into parameter updates:
    a log line + metrics.jsonl per step and loss.svg; greedy exact match and teacher-forced loss on held-out
    problems;
 5. compare: every mode x several seeds on the same data and budget, a Markdown table and results.json;
-6. the command line: `python remask.py train|compare|generate --help`.
+6. using a model: streamed generation, a terminal chat, and GSM8K evaluation as lm-evaluation-harness scores it
+   (the prompts and the metric live in data.py);
+7. the command line: `python remask.py train|compare|generate|chat|eval --help`.
 It brings model.py (StableLM), data.py (tokenizer, formats, masking) and quantize.py (LLM.int8) together.
 
 Deliberately left out: temperature in the KL (the card uses 1), a fused matmul + loss kernel (the logits are
