@@ -69,7 +69,10 @@ from model import CONFIGS, Config, StableLM, generate
 # on labels[:, t + 1] and the shift happens inside. A kl_mask is aligned the same way.
 
 IGNORE_INDEX = -100  # label value that grades nothing (Hugging Face / torch convention)
-CHUNK_TOKENS = 128  # positions per fp32 chunk: ~6 fp32 (chunk, V) buffers live, 154 MB at V = 50304
+# Logits per fp32 chunk (positions x vocabulary): ~6 fp32 (chunk, V) buffers live, 154 MB; 128 positions at
+# StableLM's V = 50304, where the memory figure below was measured; a small vocabulary takes many positions at once,
+# since per-chunk overhead, not memory, is then what costs (128-position chunks slowed a V = 128 CPU step by ~10%).
+CHUNK_ELEMENTS = 128 * 50304
 
 
 class LossParts(NamedTuple):
@@ -244,6 +247,7 @@ def _objective(logits_a, logits_b, labels, kl_mask, wa, wb, wk, num_tokens, num_
         _check_aligned("kl_mask", kl_mask, logits_a, names[0])
         if kl_mask.dtype != torch.bool:
             raise ValueError(f"kl_mask must be a bool tensor, got {kl_mask.dtype}")
+    chunk_tokens = max(1, CHUNK_ELEMENTS // vocab) if chunk_tokens is None else chunk_tokens
     if not (isinstance(chunk_tokens, int) and chunk_tokens > 0):
         raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
 
@@ -275,7 +279,7 @@ def _objective(logits_a, logits_b, labels, kl_mask, wa, wb, wk, num_tokens, num_
 def remask_loss_parts(logits_masked: torch.Tensor, logits_full: torch.Tensor, labels: torch.Tensor,
                       kl_weight: float = 0.1, kl_mask: Optional[torch.Tensor] = None,
                       num_tokens: Optional[Count] = None, num_kl_positions: Optional[Count] = None,
-                      chunk_tokens: int = CHUNK_TOKENS) -> LossParts:
+                      chunk_tokens: Optional[int] = None) -> LossParts:
     """The ReMask objective and its parts: 0.5 * (CE(masked) + CE(full)) + kl_weight * D(masked, full).
 
     logits_masked, logits_full: (B, T, V), any float dtype (bf16 stays bf16: fp32 math happens per chunk);
@@ -289,7 +293,7 @@ def remask_loss_parts(logits_masked: torch.Tensor, logits_full: torch.Tensor, la
         exactly (num_tokens=1 gives token sums).
     num_kl_positions: the same for D (the step's count of KL positions); it defaults to the batch's count, or to
         num_tokens when num_tokens is given and kl_mask is not (the KL positions are then the label tokens).
-    chunk_tokens: positions per fp32 chunk (memory against speed).
+    chunk_tokens: positions per fp32 chunk (memory against speed); default CHUNK_ELEMENTS // V.
 
     The loss is a float32 scalar (float64 for float64 logits). No labelled position gives 0 and zero gradients.
 
@@ -312,7 +316,7 @@ def remask_loss(logits_masked: torch.Tensor, logits_full: torch.Tensor, labels: 
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, num_tokens: Optional[Count] = None,
-                  chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
+                  chunk_tokens: Optional[int] = None) -> torch.Tensor:
     """Mean next-token cross-entropy over labelled positions (labels aligned with input_ids, -100 ignored).
 
     The loss of the `sft` mode (full pass) and of `masked-thought` (masked pass); the same chunked function as
@@ -323,7 +327,7 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, num_tokens: Option
 
 
 def symmetric_kl(logits_a: torch.Tensor, logits_b: torch.Tensor, mask: Optional[torch.Tensor] = None,
-                 num_positions: Optional[Count] = None, chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
+                 num_positions: Optional[Count] = None, chunk_tokens: Optional[int] = None) -> torch.Tensor:
     """D = mean over positions of 0.5 * (KL(a||b) + KL(b||a)), each KL summed over the vocabulary.
 
     mask: (B, T) bool aligned with input_ids like labels (position t of the mask selects logits[:, t - 1]);

@@ -8,18 +8,24 @@ stablelm-3b-4e1t (inference in bf16, training in bf16 autocast over fp32 master 
   forward    inference forward passes of a (batch, seq) block: tokens/s and achieved TFLOP/s (MFU on known GPUs)
   step       the ReMask micro-step with gradients: both passes in one forward of a 2B batch + the chunked loss
              (remask.py's), against two separate forwards of the same model + the chunked loss, and against two
-             forwards + a direct fp32 loss (F.cross_entropy / log_softmax on .float() logits, the naive way);
+             forwards + a direct fp32 loss (F.cross_entropy / log_softmax on .float() logits, the naive way),
+             and against transformers' StableLmForCausalLM doing the naive step with its own CE losses;
              sequence tokens/s, MFU, peak memory and the ratios, in the same run
   optimizer  the recipe's whole optimizer step: --accum micro-steps (256 sequences at micro-batch 16) + Lilith
              with fp32 state over fp32 master weights: seconds and peak memory (does it fit an 80 GB card?)
-  decode     batch-1 greedy generation with the KV cache: tokens/s, and the weight bytes read per second
+  decode     batch-1 greedy generation with the KV cache: tokens/s, the weight bytes read per second, and the
+             speed-up over transformers' generate
   int8       tests/bench_quantize.py: LLM.int8 against bf16 for batch-1 decode matmuls
 
 Peak numbers are dense bf16 (REFERENCE.md section 9); an unknown device prints "n/a", never a guessed MFU.
 Peak memory: torch.cuda.max_memory_allocated on a GPU; on a CPU the process's peak resident size (VmHWM),
 reset before each measurement.
+The transformers baselines run only where transformers is installed (it is not a dependency of remask); they use
+the very same parameter tensors as our model, so they cost no extra weight memory and compute the same function.
 """
 import argparse
+import functools
+import gc
 import sys
 import time
 from pathlib import Path
@@ -72,6 +78,30 @@ def seconds_per_call(fn, device, warmup, iters):
         torch.cuda.synchronize(device)
     return (time.perf_counter() - start) / iters
 
+
+@functools.cache
+def import_transformers():
+    """The transformers module, or None (said once) where it is not installed."""
+    try:
+        import transformers
+        return transformers
+    except ImportError as e:
+        print(f"transformers baselines skipped: {e}")
+        return None
+
+
+def transformers_twin(model):
+    """transformers' StableLmForCausalLM (SDPA attention) over model's own Parameter objects, or None: the same
+    weights in the same memory, and model.zero_grad clears the gradients of both."""
+    transformers = import_transformers()
+    if transformers is None:
+        return None
+    config = transformers.StableLmConfig(**model.config.to_dict(), attn_implementation="sdpa")
+    with torch.device(model.lm_head.weight.device):  # its own random weights are dropped at once by assign=True
+        twin = transformers.StableLmForCausalLM(config)
+    twin.load_state_dict(dict(model.named_parameters()), strict=True, assign=True)
+    return twin.train(model.training)
+
 # ----------------------------------------------------------------------------- benchmarks
 
 
@@ -93,8 +123,16 @@ def bench_decode(model, args):
     sec = seconds_per_call(lambda: generate(model, prompt, args.new_tokens, compile=args.compile), device, 2, 3)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     tokens_per_s = args.new_tokens / sec  # includes the 16-token prefill: a slight underestimate
-    return {"new_tokens": args.new_tokens, "compile": args.compile, "tokens/s": f"{tokens_per_s:,.1f}",
-            "weights GB/s": f"{weight_bytes * tokens_per_s / 1e9:,.1f}"}
+    result = {"new_tokens": args.new_tokens, "compile": args.compile, "tokens/s": f"{tokens_per_s:,.1f}",
+              "weights GB/s": f"{weight_bytes * tokens_per_s / 1e9:,.1f}"}
+    twin = transformers_twin(model)
+    if twin is not None:  # min_new_tokens: no early stop on an end-of-text id, the same work as ours
+        hf_sec = seconds_per_call(lambda: twin.generate(prompt, max_new_tokens=args.new_tokens, do_sample=False,
+                                                        min_new_tokens=args.new_tokens, use_cache=True, pad_token_id=0),
+                                  device, 2, 3)
+        result["transformers tokens/s"] = f"{args.new_tokens / hf_sec:,.1f}"
+        result["speed-up vs transformers generate"] = f"{hf_sec / sec:.2f}x"
+    return result
 
 
 def remask_batch(config, batch, seq, device, generator=None):
@@ -108,12 +146,14 @@ def remask_batch(config, batch, seq, device, generator=None):
     return masked, ids, labels, target.expand(batch, seq)
 
 
-def direct_remask_loss(logits_masked, logits_full, labels, kl_mask, kl_weight=0.1):
-    """The ReMask loss the straightforward way: fp32 copies of both logits, torch's own functions."""
-    y = labels[:, 1:].flatten()  # (N,)
+def direct_remask_loss(logits_masked, logits_full, labels, kl_mask, kl_weight=0.1, ce=None):
+    """The ReMask loss the straightforward way: fp32 copies of both logits, torch's own functions. ce: the
+    average of the two CE losses where the model already computed them (transformers' labels=...)."""
     lp = logits_masked[:, :-1].float().log_softmax(-1).flatten(0, 1)  # (N, V)
     lq = logits_full[:, :-1].float().log_softmax(-1).flatten(0, 1)  # (N, V)
-    ce = 0.5 * (F.nll_loss(lp, y, ignore_index=IGNORE_INDEX) + F.nll_loss(lq, y, ignore_index=IGNORE_INDEX))
+    if ce is None:
+        y = labels[:, 1:].flatten()  # (N,)
+        ce = 0.5 * (F.nll_loss(lp, y, ignore_index=IGNORE_INDEX) + F.nll_loss(lq, y, ignore_index=IGNORE_INDEX))
     on = kl_mask[:, 1:].flatten()  # (N,)
     kl = 0.5 * (F.kl_div(lq, lp, log_target=True, reduction="none") + F.kl_div(lp, lq, log_target=True,
                                                                                 reduction="none")).sum(-1)  # (N,)
@@ -125,7 +165,8 @@ def training_autocast(device, args):
 
 
 def bench_step(model, args):
-    """One ReMask micro-step with gradients, three ways, in the same run on the same model and batch."""
+    """One ReMask micro-step with gradients, three ways (four with transformers), in the same run on the same
+    model and batch."""
     device = model.lm_head.weight.device
     model.train()
     masked, ids, labels, kl_mask = remask_batch(model.config, args.micro_batch, args.seq, device)
@@ -146,9 +187,18 @@ def bench_step(model, args):
             logits_masked, logits_full = model(masked), model(ids)  # (B, T, V) each
         direct_remask_loss(logits_masked, logits_full, labels, kl_mask).backward()
 
+    def hf_naive():  # the naive step in transformers: its own CE loss per forward, the direct fp32 KL
+        with autocast:
+            masked_out, full_out = twin(masked, labels=labels), twin(ids, labels=labels)
+        ce = 0.5 * (masked_out.loss + full_out.loss)
+        direct_remask_loss(masked_out.logits, full_out.logits, labels, kl_mask, ce=ce).backward()
+
+    twin = transformers_twin(model)
     flops = 2 * args.micro_batch * args.seq * model.flops_per_token(args.seq)  # two passes with gradients
     peak = peak_flops(device, torch.bfloat16 if isinstance(autocast, torch.autocast) else model.lm_head.weight.dtype)
     variants = {"one 2B forward": one_forward, "two forwards": two_forwards, "naive": naive}
+    if twin is not None:
+        variants["transformers"] = hf_naive
     times, memory = {name: float("inf") for name in variants}, {}
     for round_ in range(3):  # interleaved rounds, best of each: drift in machine speed hits every variant alike
         for name, fn in variants.items():
@@ -163,6 +213,8 @@ def bench_step(model, args):
         result[name] = f"{sec * 1e3:.1f} ms, {args.micro_batch * args.seq / sec:,.0f} tok/s, MFU {mfu}, peak {memory[name]}"
     result["speed-up vs two forwards"] = f"{times['two forwards'] / times['one 2B forward']:.2f}x"
     result["speed-up vs naive"] = f"{times['naive'] / times['one 2B forward']:.2f}x"
+    if "transformers" in times:
+        result["speed-up vs transformers"] = f"{times['transformers'] / times['one 2B forward']:.2f}x"
     return result
 
 
@@ -241,6 +293,7 @@ def main(argv=None):
             result = BENCHMARKS[bench](model, args)
             print(f"{bench:9s} {name:18s} " + "  ".join(f"{k}: {v}" for k, v in result.items()), flush=True)
             del model
+            gc.collect()  # a transformers model sits in reference cycles: free the weights it shares now
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     if "int8" in args.bench:
