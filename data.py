@@ -117,7 +117,7 @@ class Tokenizer:
     def save(self, directory) -> Path:
         """Write `directory/tokenizer.json` atomically (tags included), so the directory reloads the same."""
         path = Path(directory) / "tokenizer.json"
-        _atomic_write(path, self.tk.to_str(pretty=True).encode())
+        atomic_write(path, self.tk.to_str(pretty=True).encode())
         return path
 
 
@@ -381,7 +381,9 @@ class DownloadError(RuntimeError):
     """A download that cannot go on; rows already fetched stay in the .partial file for a resume."""
 
 
-def _atomic_write(path: Path, data: bytes):
+def atomic_write(path: Path, data):
+    """Write data (bytes, or str as UTF-8) to path via a temporary file beside it and a rename: never half a file."""
+    data = data.encode() if isinstance(data, str) else data
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -710,7 +712,7 @@ def embedded_tokenizer(cache_dir=None) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok = Tokenizer(tk, "embedded tokenizer")
     try:
-        _atomic_write(path, tk.to_str().encode())
+        atomic_write(path, tk.to_str().encode())
     except OSError:
         pass  # a read-only home only costs the ~10 ms retraining next time
     return tok

@@ -58,10 +58,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from data import (GSM8K_MAX_NEW_TOKENS, GSM8K_STOP, CoTRecord, DataError, Loader, MaskConfig, Tokenizer, chat_prompt,
-                  collate, cot_prompt, cut_at_stop, embedded_dataset, embedded_tokenizer, encode_many, extract_answer,
-                  fit_length, format_record, gsm8k_prompts, load_tokenizer, mask_example, read_gsm8k, read_mixture,
-                  score_gsm8k)
+from data import (GSM8K_MAX_NEW_TOKENS, GSM8K_STOP, CoTRecord, DataError, Loader, MaskConfig, Tokenizer, atomic_write,
+                  chat_prompt, collate, cot_prompt, cut_at_stop, embedded_dataset, embedded_tokenizer, encode_many,
+                  extract_answer, fit_length, format_record, gsm8k_prompts, load_tokenizer, mask_example, read_gsm8k,
+                  read_mixture, score_gsm8k)
 from model import CONFIGS, Config, StableLM, generate
 
 # ----------------------------------------------------------------------------- objective
@@ -814,12 +814,6 @@ def restore_rng(rng):
 # ----------------------------------------------------------------------------- logging and the loss curve
 
 
-def _atomic_text(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def loss_curve_svg(steps, losses, width=640, height=360, pad=48) -> str:
     """A polyline of loss against step with labelled axes, in plain SVG."""
     lo, hi = min(losses), max(losses)
@@ -1044,7 +1038,7 @@ def _train(cfg, ranks, device, print_fn, evaluate_untrained):
     history = []
     if main and cfg.resume and metrics_file.exists():  # keep what the checkpoint's run logged up to its step
         history = [m for m in map(json.loads, metrics_file.read_text().splitlines()) if m["step"] <= start_step]
-        _atomic_text(metrics_file, "".join(json.dumps(m) + "\n" for m in history))
+        atomic_write(metrics_file, "".join(json.dumps(m) + "\n" for m in history))
     peak = peak_flops(device, torch.bfloat16 if precision == "bf16" else torch.float32)
     flops_per_token = model.flops_per_token  # of the unwrapped model
     sums = torch.zeros(3, device=device)  # ce_masked, ce_full, kl summed over the steps since the last log
@@ -1138,7 +1132,7 @@ def _train(cfg, ranks, device, print_fn, evaluate_untrained):
         return summary
     if main:
         if history:
-            _atomic_text(out / "loss.svg", loss_curve_svg([m["step"] for m in history], [m["loss"] for m in history]))
+            atomic_write(out / "loss.svg", loss_curve_svg([m["step"] for m in history], [m["loss"] for m in history]))
         final = out / "model"
         model.to(getattr(torch, model.config.torch_dtype))  # the source's dtype (bf16 for StableLM-3B)
         model.save_pretrained(final)
@@ -1209,7 +1203,7 @@ def compare(base: TrainConfig, seeds, modes=MODES[::-1], log=print) -> dict:
                                                                             if r["mode"] == mode])))
                                   for key in ("accuracy", "eval_loss")} for mode in modes}}
     Path(base.out).mkdir(parents=True, exist_ok=True)
-    _atomic_text(Path(base.out) / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic_write(Path(base.out) / "results.json", json.dumps(results, indent=2) + "\n")
     log(f"\n{table}\n\n{len(runs)} runs ({len(modes)} modes x {len(seeds)} seeds) in {_duration(seconds)} on "
         f"{device}; results in {Path(base.out) / 'results.json'}")
     return results
@@ -1347,7 +1341,7 @@ def cmd_eval(args):
     t0 = time.time()
     scores, rows = evaluate_gsm8k(complete, problems, train, args.format, args.limit)
     output = Path(args.output or f"gsm8k-{args.format}.jsonl")
-    _atomic_text(output, "".join(json.dumps(row) + "\n" for row in rows))
+    atomic_write(output, "".join(json.dumps(row) + "\n" for row in rows))
     print(f"GSM8K ({args.format} format, {len(rows)} problems, {time.time() - t0:.0f}s on {device}; {output}):")
     for name, score in scores.items():
         stderr = "n/a" if score.stderr is None else f"{score.stderr:.4f}"

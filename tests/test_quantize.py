@@ -12,7 +12,6 @@ plus floating-point rounding of the dequantization and of the outlier matmul in 
 """
 import json
 import shutil
-import shutil
 import subprocess
 import sys
 

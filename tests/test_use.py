@@ -4,12 +4,10 @@ The scripted completions give a known accuracy, so the arithmetic of the score i
 end-to-end runs use the tiny StableLM fixture (its vocabulary grown for the embedded tokenizer) through the CLI.
 """
 import json
-import math
 import subprocess
 import sys
 
 import pytest
-import torch
 
 from conftest import FIXTURES, ROOT
 from data import GSM8K_STOP, GSM8KProblem, chat_prompt, cot_prompt, embedded_tokenizer, gsm8k_prompts
