@@ -155,6 +155,7 @@ class _ChunkedObjective(torch.autograd.Function):
                 chunk_tokens):
         # logits_a/b: (B, T, V) or one (2B, T, V) twice, logits_b may be None; rows_b, rows_t, targets: (R,) long
         ctx.stacked = offset_b > 0
+        ctx.applied_scale = None  # the grad_loss that backward has scaled the saved gradients by
         need_a = ctx.needs_input_grad[0]
         need_b = logits_b is not None and ctx.needs_input_grad[1]
         grad_a = torch.zeros_like(logits_a) if need_a else None  # (B, T, V) in the logits' dtype
@@ -180,9 +181,21 @@ class _ChunkedObjective(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, *_):
-        grads = list(ctx.saved_tensors)
-        if not torch.equal(grad_loss, torch.ones_like(grad_loss)):  # a scaled loss (e.g. fp16 GradScaler)
-            grads = [None if g is None else g * grad_loss.to(g.dtype) for g in grads]
+        grads = ctx.saved_tensors
+        if ctx.applied_scale is None:
+            # Scaled in place (grad_loss is 1 unless the loss was scaled, e.g. by a GradScaler): a scaled copy would
+            # add one more logits-sized tensor at the step's memory peak, and first testing grad_loss == 1 would
+            # make the host wait for the device. .data keeps autograd's saved-tensor version check quiet, so that
+            # a retained graph can run backward again, rescaling from this scale.
+            for g in grads:
+                if g is not None:
+                    g.data.mul_(grad_loss)
+            ctx.applied_scale = grad_loss
+        else:  # a retained graph's next backward (gradcheck's): off the hot path, so a copy and a sync are fine
+            if ctx.applied_scale.item() == 0:
+                raise RuntimeError("backward again through a retained ReMask loss graph whose first backward had "
+                                   "grad_loss 0: that one scaled the saved logits gradients to zero in place")
+            grads = [None if g is None else g * (grad_loss / ctx.applied_scale) for g in grads]
         return (*grads,) + (None,) * 11
 
 
@@ -212,10 +225,19 @@ def _check_logits(name, logits, like=None, like_name=None):
 
 
 def _check_aligned(name, tensor, logits, logits_name):
-    if not torch.is_tensor(tensor) or tensor.shape != logits.shape[:2] or tensor.device != logits.device:
+    if (not torch.is_tensor(tensor) or tensor.shape != logits.shape[:2]
+            or tensor.device not in (logits.device, torch.device("cpu"))):
         what = f"{tuple(tensor.shape)} on {tensor.device}" if torch.is_tensor(tensor) else type(tensor).__name__
-        raise ValueError(f"{name} must be [B, T] = {tuple(logits.shape[:2])} on {logits.device} "
+        raise ValueError(f"{name} must be [B, T] = {tuple(logits.shape[:2])} on {logits.device} (or the CPU) "
                          f"like {logits_name}, got {what}")
+
+
+def to_device(tensor, device):
+    """tensor on device; a host tensor goes through pinned memory, so the copy is queued and the host does not
+    wait for the device (CUDA may synchronise a copy from pageable memory)."""
+    if tensor.device == device or device.type != "cuda":
+        return tensor.to(device)
+    return (tensor if tensor.is_pinned() else tensor.pin_memory()).to(device, non_blocking=True)
 
 
 def _count(name, value, measured, device, dtype):
@@ -247,6 +269,7 @@ def _objective(logits_a, logits_b, labels, kl_mask, wa, wb, wk, num_tokens, num_
         _check_aligned("kl_mask", kl_mask, logits_a, names[0])
         if kl_mask.dtype != torch.bool:
             raise ValueError(f"kl_mask must be a bool tensor, got {kl_mask.dtype}")
+        kl_mask = kl_mask.to(labels.device)
     chunk_tokens = max(1, CHUNK_ELEMENTS // vocab) if chunk_tokens is None else chunk_tokens
     if not (isinstance(chunk_tokens, int) and chunk_tokens > 0):
         raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
@@ -262,18 +285,23 @@ def _objective(logits_a, logits_b, labels, kl_mask, wa, wb, wk, num_tokens, num_
             raise ValueError("with a kl_mask the KL positions are not the label tokens: pass num_kl_positions "
                              "(the optimizer step's count of KL positions) along with num_tokens")
         num_kl_positions = num_tokens
+    # Selected where the labels are and copied to the logits' device in one queued transfer: with the labels on
+    # the host (as the trainer passes them) nonzero and the checks above cost the device no synchronisation.
     rows_b, rows_t = (has_label | on_kl).nonzero(as_tuple=True)  # (R,), (R,): the positions that matter
+    selected = torch.stack([rows_b, rows_t, targets[rows_b, rows_t], on_kl[rows_b, rows_t].long()])  # (4, R)
+    measured = to_device(torch.stack([has_label.sum(), on_kl.sum()]), logits_a.device)  # (2,) the batch's counts
+    rows_b, rows_t, targets, on_kl = to_device(selected, logits_a.device)
     compute = torch.promote_types(logits_a.dtype, torch.float32)
-    n_lab = _count("num_tokens", num_tokens, has_label.sum(), logits_a.device, compute)
-    n_kl = _count("num_kl_positions", num_kl_positions, on_kl.sum(), logits_a.device, compute)
+    n_lab = _count("num_tokens", num_tokens, measured[0], logits_a.device, compute)
+    n_kl = _count("num_kl_positions", num_kl_positions, measured[1], logits_a.device, compute)
     stacked = _stacked_halves(logits_a, logits_b) if logits_b is not None else None
     if stacked is not None:
         logits_a = logits_b = stacked[0]  # (2B, T, V): side a is rows [0, B), side b rows [B, 2B)
     if not torch.is_grad_enabled():  # evaluation under no_grad: no gradient buffers (they follow requires_grad)
         logits_a, logits_b = (None if x is None else x.detach() for x in (logits_a, logits_b))
     return LossParts(*_ChunkedObjective.apply(
-        logits_a, logits_b, 0 if stacked is None else stacked[1], rows_b, rows_t, targets[rows_b, rows_t],
-        on_kl[rows_b, rows_t], n_lab, n_kl, float(wa), float(wb), float(wk), chunk_tokens))
+        logits_a, logits_b, 0 if stacked is None else stacked[1], rows_b, rows_t, targets, on_kl.bool(), n_lab, n_kl,
+        float(wa), float(wb), float(wk), chunk_tokens))
 
 
 def remask_loss_parts(logits_masked: torch.Tensor, logits_full: torch.Tensor, labels: torch.Tensor,
@@ -285,8 +313,10 @@ def remask_loss_parts(logits_masked: torch.Tensor, logits_full: torch.Tensor, la
     logits_masked, logits_full: (B, T, V), any float dtype (bf16 stays bf16: fp32 math happens per chunk);
         they may be the two halves of one (2B, T, V) forward (logits.chunk(2) or [:B], [B:]): the function then
         works on the whole tensor and returns one gradient, so the 2B batch costs no extra memory.
-    labels: (B, T) integer token ids aligned with input_ids, IGNORE_INDEX (-100) where nothing is graded.
-    kl_mask: (B, T) bool, aligned like labels, positions whose prediction enters D; default: the labelled ones.
+    labels: (B, T) integer token ids aligned with input_ids, IGNORE_INDEX (-100) where nothing is graded; on the
+        logits' device or on the CPU, which spares a GPU the synchronisation that checking them there would cost.
+    kl_mask: (B, T) bool, aligned like labels (either device too), positions whose prediction enters D; default:
+        the labelled ones.
         ReMask-CoT drops some rationale labels but keeps D on all target positions: pass those as kl_mask.
     num_tokens: divide the CE token sums by this instead of the batch's label count; under gradient accumulation
         pass the label count of the whole optimizer step, so the micro-batch losses add up to the step's mean
@@ -728,29 +758,45 @@ def step_counts(batches, device) -> torch.Tensor:
     collated micro-batches, so that each micro-batch's loss is normalised by the whole step's count."""
     labels = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
     kl = sum(int(b["kl_mask"][:, 1:].sum()) for b in batches)
-    counts = torch.tensor([labels, kl], dtype=torch.float32)
-    return counts.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else counts
+    return to_device(torch.tensor([labels, kl], dtype=torch.float32), device)
 
 
 def micro_step_loss(model, batch, mode, kl_weight, counts, device, autocast) -> tuple:
     """Forward one collated micro-batch: (loss to backpropagate, (3,) detached ce_masked, ce_full, kl), both
     normalised by the step's counts. Only the model runs under autocast: the loss does its own fp32 math."""
-    labels = batch["labels"].to(device, non_blocking=True)
+    labels = batch["labels"]  # (B, T) stays on the host: the loss selects its positions there, without a sync
     if mode == "remask":
-        ids = torch.cat([batch["masked_ids"], batch["input_ids"]]).to(device, non_blocking=True)  # (2B, T)
+        ids = torch.cat([to_device(batch[k], device) for k in ("masked_ids", "input_ids")])  # (2B, T)
         with autocast:
             logits = model(ids)  # (2B, T, V): both passes in one forward (StableLM has no dropout: same math)
-        kl_mask = batch["kl_mask"].to(device, non_blocking=True)
-        parts = remask_loss_parts(*logits.chunk(2), labels, kl_weight, kl_mask=kl_mask, num_tokens=counts[0],
+        parts = remask_loss_parts(*logits.chunk(2), labels, kl_weight, kl_mask=batch["kl_mask"], num_tokens=counts[0],
                                   num_kl_positions=counts[1])
         return parts.loss, torch.stack([parts.ce_masked, parts.ce_full, parts.kl])
-    ids = batch["input_ids" if mode == "sft" else "masked_ids"].to(device, non_blocking=True)  # (B, T)
+    ids = to_device(batch["input_ids" if mode == "sft" else "masked_ids"], device)  # (B, T)
     with autocast:
         logits = model(ids)  # (B, T, V)
     loss = cross_entropy(logits, labels, num_tokens=counts[0])
     zero = torch.zeros((), device=device)
     ce = loss.detach()
     return loss, torch.stack([ce, zero, zero] if mode == "masked-thought" else [zero, ce, zero])
+
+
+def accumulate_gradients(runner, batches, mode, kl_weight, device, autocast, ddp=None, world=1) -> tuple:
+    """Forward and backward every micro-batch of one optimizer step into .grad: (the step's loss, (3,) its parts),
+    on the device. Nothing is read back from the device (tests/test_train.py runs this on the meta device, where
+    any read fails): the host runs ahead and the GPU never waits for it."""
+    counts = step_counts(batches, device)
+    if world > 1:
+        dist.all_reduce(counts)  # the global step's counts: every rank normalises alike
+    loss_sum, part_sums = torch.zeros((), device=device), torch.zeros(3, device=device)
+    for i, batch in enumerate(batches):
+        sync = ddp is None or i == len(batches) - 1  # all-reduce gradients once, after the last
+        with nullcontext() if sync else ddp.no_sync():
+            loss, parts = micro_step_loss(runner, batch, mode, kl_weight, counts, device, autocast)
+            (loss * world if world > 1 else loss).backward()  # DDP averages over ranks; losses are global already
+        loss_sum += loss.detach()
+        part_sums += parts
+    return loss_sum, part_sums
 
 # ----------------------------------------------------------------------------- checkpoints
 # out/checkpoints/step-000120/{model/ (Hugging Face directory, fp32, tokenizer.json), trainer.pt}. Written into
@@ -1055,18 +1101,11 @@ def _train(cfg, ranks, device, print_fn, evaluate_untrained):
             while step < stop:
                 epoch, in_epoch = divmod(step, len(loader))
                 batches = loader.micro_batches(epoch, in_epoch)
-                counts = step_counts(batches, device)
-                if ranks.world > 1:
-                    dist.all_reduce(counts)  # the global step's counts: every rank normalises alike
-                for i, batch in enumerate(batches):
-                    sync = ddp is None or i == len(batches) - 1  # all-reduce gradients once, after the last
-                    with nullcontext() if sync else ddp.no_sync():
-                        loss, parts = micro_step_loss(runner, batch, cfg.mode, cfg.kl_weight, counts, device,
-                                                      autocast)
-                        # DDP averages gradients over ranks; the losses are already normalised globally
-                        (loss * ranks.world if ranks.world > 1 else loss).backward()
-                    loss_sum += loss.detach()
-                    sums += parts
+                step_loss, step_parts = accumulate_gradients(runner, batches, cfg.mode, cfg.kl_weight, device,
+                                                             autocast, ddp, ranks.world)
+                loss_sum += step_loss
+                sums += step_parts
+                for batch in batches:
                     B, T = batch["input_ids"].shape
                     tokens += B * T
                     flops += PASSES[cfg.mode] * B * T * flops_per_token(T)

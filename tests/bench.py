@@ -13,6 +13,9 @@ stablelm-3b-4e1t (inference in bf16, training in bf16 autocast over fp32 master 
              sequence tokens/s, MFU, peak memory and the ratios, in the same run
   optimizer  the recipe's whole optimizer step: --accum micro-steps (256 sequences at micro-batch 16) + Lilith
              with fp32 state over fp32 master weights: seconds and peak memory (does it fit an 80 GB card?)
+  memory     the plan of that optimizer step's peak memory for micro-batches 16, 8, 4, with and without
+             --grad-checkpointing: the static state plus what autograd saves for backward, measured by counting the
+             saved tensors of short forwards of one- and two-layer versions of the model (runs on a CPU for the 3B)
   decode     batch-1 greedy generation with the KV cache: tokens/s, the weight bytes read per second, and the
              speed-up over transformers' generate
   int8       tests/bench_quantize.py: LLM.int8 against bf16 for batch-1 decode matmuls
@@ -28,6 +31,7 @@ import functools
 import gc
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from contextlib import nullcontext
@@ -248,8 +252,68 @@ def bench_optimizer(model, args):
             "peak": peak_memory(device)}
 
 
-BENCHMARKS = {"forward": bench_forward, "step": bench_step, "optimizer": bench_optimizer, "decode": bench_decode}
+def saved_for_backward(fn, exclude=()):
+    """(fn(), bytes of the distinct tensors autograd saved for backward while it ran, not counting the storage of
+    the tensors in exclude)."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    saved = {}  # storage address -> bytes: a tensor saved by several ops, or views of one, count once
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in skip:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        result = fn()
+    return result, sum(saved.values())
+
+
+def saved_bytes(config, layers, tokens, device, autocast):
+    """Bytes autograd keeps for backward after the training forward of `tokens` tokens through a `layers`-layer
+    version of config, the parameters themselves not counted."""
+    with torch.device(device):
+        model = StableLM(replace(config, num_hidden_layers=layers)).train()
+    ids = torch.randint(0, config.vocab_size, (1, tokens), device=device)
+    with autocast:
+        return saved_for_backward(lambda: model(ids), exclude=model.parameters())[1]
+
+
+def bench_memory(config, args):
+    """The memory plan of the recipe's optimizer step, from what autograd saves in short forwards of one- and
+    two-layer versions of the model (on this device, under the training precision), scaled to the whole model:
+    the peak is the static state plus the saved activations and the loss's logits buffers of one micro-step."""
+    device = torch.device(args.device)
+    autocast = training_autocast(device, args)
+    n1, n2 = 64, 128  # tokens: two sizes separate what grows with tokens from what does not (weight copies)
+    s = {(L, n): saved_bytes(config, L, n, device, autocast) for L in (1, 2) for n in (n1, n2)}
+    per_layer_token = (s[2, n2] - s[1, n2] - s[2, n1] + s[1, n1]) / (n2 - n1)
+    per_layer_fixed = s[2, n1] - s[1, n1] - per_layer_token * n1  # a layer's weights cast to bf16
+    rest_token = (s[1, n2] - s[1, n1]) / (n2 - n1) - per_layer_token
+    rest_fixed = s[1, n1] - per_layer_fixed - per_layer_token * n1 - rest_token * n1
+    L, C, V = config.num_hidden_layers, config.hidden_size, config.vocab_size
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in StableLM(config).parameters())
+    static = n_params * 4 * 5  # fp32: weights, gradients, Lilith's m1, m2, v
+    weight_copies = L * per_layer_fixed + rest_fixed
+    logits_bytes = 2 if args.train_precision == "bf16" else 4
+    result = {"static (fp32 weights, grads, 3 Lilith states)": f"{static / 1e9:.1f} GB",
+              "weight copies": f"{weight_copies / 1e9:.1f} GB",
+              "saved per token per layer": f"{per_layer_token / 1e3:.1f} KB"}
+    for micro_batch in sorted({args.micro_batch, 16, 8, 4}, reverse=True):
+        tokens = 2 * micro_batch * args.seq  # both passes
+        logits = 2 * tokens * V * logits_bytes  # the logits and the loss's gradient buffer, alive together
+        plain = static + weight_copies + tokens * (L * per_layer_token + rest_token) + logits
+        # checkpointed: each block keeps its fp32 input; one block at a time is recomputed with its weight copies
+        ckpt = (static + rest_fixed + per_layer_fixed + tokens * (L * 4 * C + per_layer_token + rest_token)
+                + logits)
+        result[f"micro-batch {micro_batch}"] = f"{plain / 1e9:.1f} GB, with --grad-checkpointing {ckpt / 1e9:.1f} GB"
+    return result
+
+
+BENCHMARKS = {"forward": bench_forward, "step": bench_step, "optimizer": bench_optimizer, "decode": bench_decode,
+              "memory": bench_memory}
 TRAINING = {"step", "optimizer"}  # benchmarks that train: fp32 master weights (+ bf16 autocast on a GPU)
+PLANS = {"memory"}  # benchmarks that build their own small models from the config
 
 # ----------------------------------------------------------------------------- command line
 
@@ -289,6 +353,10 @@ def main(argv=None):
           f"torch {torch.__version__}")
     for name in names:
         for bench in [b for b in args.bench if b in BENCHMARKS]:
+            if bench in PLANS:
+                print(f"{bench:9s} {name:18s} " + "  ".join(f"{k}: {v}" for k, v in
+                                                         bench_memory(Config.named(name), args).items()), flush=True)
+                continue
             model = build(Config.named(name), device, torch.float32 if bench in TRAINING else dtype)
             result = BENCHMARKS[bench](model, args)
             print(f"{bench:9s} {name:18s} " + "  ".join(f"{k}: {v}" for k, v in result.items()), flush=True)

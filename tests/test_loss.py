@@ -248,6 +248,32 @@ def test_scaled_loss_scales_the_gradient():
     torch.testing.assert_close(gf3, 3 * gf)
 
 
+@pytest.mark.parametrize("stacked", [False, True])
+def test_a_retained_graph_runs_backward_again_with_other_scales(stacked):
+    """The first backward scales the saved gradients in place (no copy, no sync); later ones rescale from it."""
+    lm, lf, labels, kl_mask, _ = random_case(4, torch.float64)
+    _, (gm, gf) = grads_of(lambda a, b: remask_loss(a, b, labels, 0.3, kl_mask), lm, lf)
+    both = torch.cat([lm, lf]).requires_grad_()  # (2B, T, V)
+    loss = remask_loss(*both.chunk(2) if stacked else (both[:len(lm)] * 1, both[len(lm):] * 1), labels, 0.3, kl_mask)
+    for scale in (2.0, 0.5, 0.0, 1.0):
+        (g,) = torch.autograd.grad(loss, both, torch.tensor(scale, dtype=loss.dtype), retain_graph=True)
+        torch.testing.assert_close(g, scale * torch.cat([gm, gf]))
+    zeroed = remask_loss(lm.clone().requires_grad_(), lf, labels)
+    zeroed.backward(torch.tensor(0.0), retain_graph=True)
+    with pytest.raises(RuntimeError, match="first backward had grad_loss 0"):
+        zeroed.backward()
+
+
+@pytest.mark.gpu
+def test_labels_on_the_host_or_the_gpu_give_the_cpu_result():
+    lm, lf, labels, kl_mask, _ = random_case(5, B=3, T=9, V=33)
+    want = remask_loss_parts(lm, lf, labels, 0.2, kl_mask)
+    for where in ("cpu", "cuda"):
+        got = remask_loss_parts(lm.cuda(), lf.cuda(), labels.to(where), 0.2, kl_mask.to(where))
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g.cpu(), w, rtol=1e-5, atol=1e-6)
+
+
 def test_only_inputs_that_require_grad_get_one(monkeypatch):
     lm, lf, labels, _, _ = random_case(2, torch.float64)
     a = lm.clone().requires_grad_()

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import model as M
 import quantize
+from bench import saved_for_backward
 from conftest import FIXTURES
 from model import CONFIGS, Config, KVCache, StableLM, generate, sample
 
@@ -301,6 +302,20 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(0, N_SEEDS, 5))
+def test_one_bf16_copy_of_each_norm_output_under_autocast(seed, monkeypatch):
+    """Under autocast the blocks hand the matmuls one bf16 copy of each LayerNorm output instead of letting every
+    nn.Linear cast (and save) its own: the same values, fewer bytes kept for backward."""
+    model = random_model(seed, torch.float32).train()
+    ids = random_ids(model, 2, 16, seed)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, once = saved_for_backward(lambda: model(ids))
+        monkeypatch.setattr(M, "matmul_input", lambda h: h)
+        logits_per_linear, per_linear = saved_for_backward(lambda: model(ids))
+    assert torch.equal(logits, logits_per_linear)
+    assert once < per_linear
 
 
 def test_resize_vocab_adds_mean_rows():

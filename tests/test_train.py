@@ -118,6 +118,39 @@ def test_gradient_accumulation_gives_the_whole_batch_gradient(tmp_path, mode):
     assert max((g - ref).abs().max() / ref.abs().max() for g, ref in zip(wrong, whole)) > 1e-3
 
 
+@pytest.mark.parametrize("device", ["meta", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("mode", remask.MODES)
+def test_the_step_reads_nothing_back_from_the_device(tmp_path, mode, device):
+    """Between log steps the host never waits for the device: the whole optimizer step (masking, micro-batches,
+    forward, chunked loss, backward, grad norm, Lilith) runs with the model on the meta device, which holds
+    shapes but no values, so any .item(), nonzero, torch.equal or copy to the host raises; on a GPU, CUDA's
+    sync debug mode turns any synchronisation into an error."""
+    cfg = tiny(tmp_path, mode=mode, grad_checkpointing=True)
+    train, _, tok = data.embedded_dataset(cfg.seed, cfg.n_train, 1, cfg.digits)
+    examples, _ = data.fit_length(data.encode_many(train, tok), cfg.seq_len)
+    loader = data.Loader(examples, tok, cfg.mask_config(), cfg.global_batch, 4, cfg.seed)
+    device = torch.device(device)
+    with device:
+        model = remask.StableLM(replace(remask.Config.named("debug"), vocab_size=len(tok)))
+    model.gradient_checkpointing = True
+    optimizer = remask.Lilith(model.parameters(), lr=1e-3)
+    autocast = remask._autocast(device, "bf16") if device.type == "cuda" else remask.nullcontext()
+    previous = torch.cuda.get_sync_debug_mode() if device.type == "cuda" else None
+    if device.type == "cuda":
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(2):
+            loss, parts = remask.accumulate_gradients(model, loader.micro_batches(0, step), mode, 0.1, device,
+                                                      autocast)
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    finally:
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode(previous)
+    assert loss.device == parts.device == grad_norm.device == device and parts.shape == (3,)
+
+
 def test_accumulated_training_equals_one_big_batch(tmp_path):
     """The whole optimizer step, Lilith included, over three steps: micro-batch 4 vs 16."""
     a, b = tiny(tmp_path, "a", micro_batch=16, epochs=2), tiny(tmp_path, "b", micro_batch=4, epochs=2)
