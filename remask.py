@@ -917,9 +917,10 @@ class TextStream:
 
 @torch.no_grad()
 def greedy_completions(model, tok, prompts, max_new_tokens, device, precision="fp32", batch_size=64,
-                       stop_ids=None, stop_strings=(), log=None) -> list:
+                       stop_ids=None, stop_strings=(), log=None, compile=False) -> list:
     """Greedy continuations of prompts (left-padded batches), cut after the first stop id (default <|user|>,
-    <|endoftext|>) and before the first stop string (these cost a decode per token, so only when asked)."""
+    <|endoftext|>) and before the first stop string (these cost a decode per token, so only when asked).
+    compile: the compiled decode step (model.generate)."""
     stop_ids = (tok.user_id, tok.eos_id) if stop_ids is None else stop_ids
     out = []
     for start in range(0, len(prompts), batch_size):
@@ -932,7 +933,7 @@ def greedy_completions(model, tok, prompts, max_new_tokens, device, precision="f
         with _autocast(device, precision):
             rows = generate(model, ids.to(device), max_new_tokens, stop_ids=stop_ids, attention_mask=mask.to(device),
                             pad_id=tok.pad_id, on_token=TextStream(tok, len(encoded), stop_strings)
-                            if stop_strings else None)[:, T:].tolist()
+                            if stop_strings else None, compile=compile)[:, T:].tolist()
         for row in rows:
             cut = next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))
             out.append(cut_at_stop(tok.decode(row[:cut]), stop_strings))
@@ -1265,13 +1266,15 @@ def load_for_inference(path, device_name="auto") -> tuple:
     return tok, model, device
 
 
-def stream_reply(model, tok, prompt, device, max_new_tokens, temperature=0.0, top_k=None, seed=0, write=print) -> str:
+def stream_reply(model, tok, prompt, device, max_new_tokens, temperature=0.0, top_k=None, seed=0, write=print,
+                 compile=False) -> str:
     """Write the continuation of prompt piece by piece as it is generated, up to <|user|> or the end of text."""
     stops = torch.tensor([tok.user_id, tok.eos_id], device=device)
     text = TextStream(tok, 1, on_text=lambda piece: write(piece, end="", flush=True))
     shown = lambda token: None if torch.isin(token, stops).any() else text(token)  # noqa: E731 (tags unprinted)
     generate(model, torch.tensor([tok.encode(prompt)], device=device), max_new_tokens, temperature, top_k,
-             stop_ids=tuple(stops.tolist()), on_token=shown, generator=torch.Generator(device).manual_seed(seed))
+             stop_ids=tuple(stops.tolist()), on_token=shown, generator=torch.Generator(device).manual_seed(seed),
+             compile=compile)
     write()
     return text.text[0].strip()
 
@@ -1354,14 +1357,15 @@ def cmd_generate(args):
     tok, model, device = load_for_inference(args.model, args.device)
     prompt = cot_prompt(args.prompt) if args.cot else chat_prompt([], args.prompt)
     print(prompt, end="", flush=True)
-    stream_reply(model, tok, prompt, device, args.max_new_tokens, args.temperature, args.top_k, args.seed)
+    stream_reply(model, tok, prompt, device, args.max_new_tokens, args.temperature, args.top_k, args.seed,
+                 compile=args.compile)
     return 0
 
 
 def cmd_chat(args):
     tok, model, device = load_for_inference(args.model, args.device)
     chat_loop(lambda prompt: stream_reply(model, tok, prompt, device, args.max_new_tokens, args.temperature,
-                                          args.top_k, args.seed))
+                                          args.top_k, args.seed, compile=args.compile))
     return 0
 
 
@@ -1376,7 +1380,7 @@ def cmd_eval(args):
     stop_ids = (tok.eos_id,) if args.format == "harness" else (tok.user_id, tok.eos_id)
     complete = lambda prompts, stops: greedy_completions(  # noqa: E731
         model, tok, prompts, args.max_new_tokens, device, precision, args.batch_size, stop_ids, stops,
-        log=lambda line: print(line, file=sys.stderr, flush=True))
+        log=lambda line: print(line, file=sys.stderr, flush=True), compile=args.compile)
     t0 = time.time()
     scores, rows = evaluate_gsm8k(complete, problems, train, args.format, args.limit)
     output = Path(args.output or f"gsm8k-{args.format}.jsonl")
@@ -1392,6 +1396,8 @@ def _add_generation_flags(parser, max_new_tokens):
     parser.add_argument("--model", required=True, help="Hugging Face model directory, float or 8-bit")
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="tokens to generate at most")
     parser.add_argument("--device", default="auto", help="cuda, cpu, ...; auto: the GPU if there is one")
+    parser.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graphs on a GPU: "
+                        "several times faster once compiled; the first call takes a minute or so)")
 
 
 def _add_sampling_flags(parser):

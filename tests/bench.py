@@ -10,14 +10,15 @@ stablelm-3b-4e1t (inference in bf16, training in bf16 autocast over fp32 master 
              (remask.py's), against two separate forwards of the same model + the chunked loss, and against two
              forwards + a direct fp32 loss (F.cross_entropy / log_softmax on .float() logits, the naive way),
              and against transformers' StableLmForCausalLM doing the naive step with its own CE losses;
+             with --compile (the default on CUDA) also the first one through torch.compile, as `train --compile`;
              sequence tokens/s, MFU, peak memory and the ratios, in the same run
-  optimizer  the recipe's whole optimizer step: --accum micro-steps (256 sequences at micro-batch 16) + Lilith
-             with fp32 state over fp32 master weights: seconds and peak memory (does it fit an 80 GB card?)
+  optimizer  the recipe's whole optimizer step: 256 sequences in micro-batches of 8 + Lilith with fp32 state over
+             fp32 master weights: seconds and peak memory (does it fit an 80 GB card?)
   memory     the plan of that optimizer step's peak memory for micro-batches 16, 8, 4, with and without
              --grad-checkpointing: the static state plus what autograd saves for backward, measured by counting the
              saved tensors of short forwards of one- and two-layer versions of the model (runs on a CPU for the 3B)
-  decode     batch-1 greedy generation with the KV cache: tokens/s, the weight bytes read per second, and the
-             speed-up over transformers' generate
+  decode     batch-1 greedy generation with the KV cache, eager and (with --compile) with the compiled CUDA-graph
+             decode step: tokens/s, the weight bytes read per second, and the speed-up over transformers' generate
   int8       tests/bench_quantize.py: LLM.int8 against bf16 for batch-1 decode matmuls
 
 Peak numbers are dense bf16 (REFERENCE.md section 9); an unknown device prints "n/a", never a guessed MFU.
@@ -121,21 +122,38 @@ def bench_forward(model, args):
             "MFU": f"{flops / peak:.1%}" if peak else "n/a"}
 
 
+def compiles(name, fn):
+    """Run fn once (it compiles); False, said in one line, where torch.compile cannot work here."""
+    try:
+        fn()
+        return True
+    except Exception as e:  # no compiler, no Triton, an unsupported op: the eager numbers still stand
+        print(f"{name} skipped: torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        return False
+
+
 def bench_decode(model, args):
+    """Batch-1 greedy decoding: ours eager, ours with the compiled (CUDA-graph) decode step, transformers."""
     device = model.lm_head.weight.device
     prompt = torch.randint(0, model.config.vocab_size, (1, 16), device=device)
-    sec = seconds_per_call(lambda: generate(model, prompt, args.new_tokens, compile=args.compile), device, 2, 3)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    tokens_per_s = args.new_tokens / sec  # includes the 16-token prefill: a slight underestimate
-    result = {"new_tokens": args.new_tokens, "compile": args.compile, "tokens/s": f"{tokens_per_s:,.1f}",
-              "weights GB/s": f"{weight_bytes * tokens_per_s / 1e9:,.1f}"}
+    variants = {"eager": lambda: generate(model, prompt, args.new_tokens)}
+    compiled = lambda: generate(model, prompt, args.new_tokens, compile=True)  # noqa: E731
+    if args.compile and compiles("compiled decode", compiled):
+        variants["compiled"] = compiled
     twin = transformers_twin(model)
     if twin is not None:  # min_new_tokens: no early stop on an end-of-text id, the same work as ours
-        hf_sec = seconds_per_call(lambda: twin.generate(prompt, max_new_tokens=args.new_tokens, do_sample=False,
-                                                        min_new_tokens=args.new_tokens, use_cache=True, pad_token_id=0),
-                                  device, 2, 3)
-        result["transformers tokens/s"] = f"{args.new_tokens / hf_sec:,.1f}"
-        result["speed-up vs transformers generate"] = f"{hf_sec / sec:.2f}x"
+        variants["transformers generate"] = lambda: twin.generate(
+            prompt, max_new_tokens=args.new_tokens, do_sample=False, min_new_tokens=args.new_tokens, use_cache=True,
+            pad_token_id=0)
+    result = {"new_tokens": args.new_tokens}
+    seconds = {name: seconds_per_call(fn, device, 2, 3) for name, fn in variants.items()}
+    for name, sec in seconds.items():
+        tokens_per_s = args.new_tokens / sec  # includes the 16-token prefill: a slight underestimate
+        result[name] = f"{tokens_per_s:,.1f} tok/s, weights {weight_bytes * tokens_per_s / 1e9:,.1f} GB/s"
+    for name in ("eager", "compiled"):
+        if name in seconds and "transformers generate" in seconds:
+            result[f"{name} speed-up vs transformers generate"] = f"{seconds['transformers generate'] / seconds[name]:.2f}x"
     return result
 
 
@@ -176,9 +194,9 @@ def bench_step(model, args):
     masked, ids, labels, kl_mask = remask_batch(model.config, args.micro_batch, args.seq, device)
     autocast = training_autocast(device, args)
 
-    def one_forward():  # remask.py: both passes as one (2B, T) batch, the chunked loss
+    def one_forward(runner=model):  # remask.py: both passes as one (2B, T) batch, the chunked loss
         with autocast:
-            logits = model(torch.cat([masked, ids]))  # (2B, T, V)
+            logits = runner(torch.cat([masked, ids]))  # (2B, T, V)
         remask_loss_parts(*logits.chunk(2), labels, 0.1, kl_mask=kl_mask).loss.backward()
 
     def two_forwards():  # the same loss, the passes as two forwards
@@ -200,55 +218,73 @@ def bench_step(model, args):
     twin = transformers_twin(model)
     flops = 2 * args.micro_batch * args.seq * model.flops_per_token(args.seq)  # two passes with gradients
     peak = peak_flops(device, torch.bfloat16 if isinstance(autocast, torch.autocast) else model.lm_head.weight.dtype)
-    variants = {"one 2B forward": one_forward, "two forwards": two_forwards, "naive": naive}
+    variants = {"one 2B forward": one_forward}
+    compiled = functools.partial(one_forward, torch.compile(model))  # what remask.py train --compile runs
+    if args.compile and compiles("compiled step", compiled):
+        variants["one 2B forward, compiled"] = compiled
+    variants.update({"two forwards": two_forwards, "naive": naive})
     if twin is not None:
         variants["transformers"] = hf_naive
-    times, memory = {name: float("inf") for name in variants}, {}
+    times, memory, failed = {}, {}, {}
     for round_ in range(3):  # interleaved rounds, best of each: drift in machine speed hits every variant alike
         for name, fn in variants.items():
+            if name in failed:
+                continue
             model.zero_grad(set_to_none=True)
             reset_peak_memory(device)
-            sec = seconds_per_call(fn, device, args.warmup if round_ == 0 else 0, args.iters)
-            times[name], memory[name] = min(times[name], sec), memory.get(name) or peak_memory(device)
+            try:
+                sec = seconds_per_call(fn, device, args.warmup if round_ == 0 else 0, args.iters)
+            except torch.OutOfMemoryError:  # say so and go on: the other variants' numbers still stand
+                failed[name] = f"out of memory (peak {peak_memory(device)})"
+                continue
+            times[name] = min(times.get(name, sec), sec)
+            memory.setdefault(name, peak_memory(device))
     model.zero_grad(set_to_none=True)
-    result = {"micro_batch": args.micro_batch, "seq": args.seq}
+    result = {"micro_batch": args.micro_batch, "seq": args.seq, **failed}
     for name, sec in times.items():
         mfu = f"{flops / sec / peak:.1%}" if peak else "n/a"
         result[name] = f"{sec * 1e3:.1f} ms, {args.micro_batch * args.seq / sec:,.0f} tok/s, MFU {mfu}, peak {memory[name]}"
-    result["speed-up vs two forwards"] = f"{times['two forwards'] / times['one 2B forward']:.2f}x"
-    result["speed-up vs naive"] = f"{times['naive'] / times['one 2B forward']:.2f}x"
-    if "transformers" in times:
-        result["speed-up vs transformers"] = f"{times['transformers'] / times['one 2B forward']:.2f}x"
+    for ours in ("one 2B forward", "one 2B forward, compiled"):
+        for baseline in ("two forwards", "naive", "transformers"):
+            if ours in times and baseline in times:
+                result[f"{ours}: speed-up vs {baseline}"] = f"{times[baseline] / times[ours]:.2f}x"
     return result
 
 
 def bench_optimizer(model, args):
-    """The recipe's optimizer step: args.accum micro-steps, then Lilith (fp32 state over fp32 weights)."""
+    """The recipe's optimizer step: --global-batch sequences in micro-steps of --optimizer-micro-batch, then Lilith
+    (fp32 state over fp32 weights): its time and its peak memory, the figure that must fit the card."""
     device = model.lm_head.weight.device
     model.train()
     model.gradient_checkpointing = args.grad_checkpointing
     optimizer = Lilith(model.parameters(), lr=1e-5)
     autocast = training_autocast(device, args)
-    batches = [remask_batch(model.config, args.micro_batch, args.seq, device) for _ in range(min(args.accum, 2))]
+    micro_batch = args.optimizer_micro_batch
+    accum = max(1, args.global_batch // micro_batch)
+    batches = [remask_batch(model.config, micro_batch, args.seq, device) for _ in range(min(accum, 2))]
 
     def step():
-        for i in range(args.accum):
+        for i in range(accum):
             masked, ids, labels, kl_mask = batches[i % len(batches)]
             with autocast:
                 logits = model(torch.cat([masked, ids]))  # (2B, T, V)
-            n = args.accum * int(kl_mask[:, 1:].sum())  # the step's label tokens = its KL positions here
+            n = accum * int(kl_mask[:, 1:].sum())  # the step's label tokens = its KL positions here
             remask_loss_parts(*logits.chunk(2), labels, 0.1, kl_mask=kl_mask, num_tokens=n,
                               num_kl_positions=n).loss.backward()
             del logits
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    result = {"micro_batch": micro_batch, "accum": accum, "grad_checkpointing": args.grad_checkpointing}
     reset_peak_memory(device)
-    sec = seconds_per_call(step, device, 1, 1)
-    model.gradient_checkpointing = False
-    sequences = args.accum * args.micro_batch
-    return {"micro_batch": args.micro_batch, "accum": args.accum, "grad_checkpointing": args.grad_checkpointing,
-            "step": f"{sec:.2f} s ({sequences} sequences, {sequences * args.seq / sec:,.0f} tok/s)",
+    try:
+        sec = seconds_per_call(step, device, 1, 1)
+    except torch.OutOfMemoryError:
+        return {**result, "step": f"out of memory (peak {peak_memory(device)}): see the memory plan (--bench memory)"}
+    finally:
+        model.gradient_checkpointing = False
+    sequences = accum * micro_batch
+    return {**result, "step": f"{sec:.2f} s ({sequences} sequences, {sequences * args.seq / sec:,.0f} tok/s)",
             "peak": peak_memory(device)}
 
 
@@ -299,7 +335,7 @@ def bench_memory(config, args):
     result = {"static (fp32 weights, grads, 3 Lilith states)": f"{static / 1e9:.1f} GB",
               "weight copies": f"{weight_copies / 1e9:.1f} GB",
               "saved per token per layer": f"{per_layer_token / 1e3:.1f} KB"}
-    for micro_batch in sorted({args.micro_batch, 16, 8, 4}, reverse=True):
+    for micro_batch in sorted({args.micro_batch, args.optimizer_micro_batch, 16, 8, 4}, reverse=True):
         tokens = 2 * micro_batch * args.seq  # both passes
         logits = 2 * tokens * V * logits_bytes  # the logits and the loss's gradient buffer, alive together
         plain = static + weight_copies + tokens * (L * per_layer_token + rest_token) + logits
@@ -336,17 +372,21 @@ def main(argv=None):
                    help="step/optimizer: bf16 autocast over fp32 weights (default on CUDA) or fp32 (default on CPU)")
     p.add_argument("--batch", type=int, default=8, help="forward: sequences per call")
     p.add_argument("--seq", type=int, default=256, help="forward, step, optimizer: tokens per sequence")
-    p.add_argument("--micro-batch", type=int, default=16, help="step, optimizer: sequences per micro-step")
-    p.add_argument("--accum", type=int, default=16, help="optimizer: micro-steps per optimizer step (16 x 16 = 256)")
+    p.add_argument("--micro-batch", type=int, default=16, help="step: sequences per micro-step (the recipe's 16)")
+    p.add_argument("--optimizer-micro-batch", type=int, default=8,
+                   help="optimizer: sequences per micro-step (8: what fits an 80 GB card, see the memory plan)")
+    p.add_argument("--global-batch", type=int, default=256, help="optimizer: sequences per optimizer step")
     p.add_argument("--grad-checkpointing", action="store_true", help="optimizer: recompute blocks in backward")
     p.add_argument("--warmup", type=int, default=2, help="forward, step: untimed calls first")
     p.add_argument("--iters", type=int, default=5, help="forward, step: timed calls")
     p.add_argument("--new-tokens", type=int, default=64, help="decode: tokens generated per call")
-    p.add_argument("--compile", action="store_true", help="decode: torch.compile + CUDA graphs for the decode step")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="step and decode: also time the torch.compile'd variants (default: on CUDA only)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     args.train_precision = args.train_precision or ("bf16" if device.type == "cuda" else "fp32")
+    args.compile = device.type == "cuda" if args.compile is None else args.compile
     names = args.configs or (["debug", "stablelm-3b-4e1t"] if device.type == "cuda" else ["debug"])
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"device {where}  inference dtype {str(dtype)[6:]}  training {args.train_precision} over fp32 weights  "

@@ -264,14 +264,14 @@ def test_decode_step_compiles_to_one_graph_and_is_reused(monkeypatch):
     that graph (a recompile raises), and the tokens equal eager decoding. The eager backend keeps this fast on a
     CPU; test_compiled_decoding_equals_eager_on_cuda runs inductor with CUDA graphs."""
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     step = torch.compile(M.decode_step, backend="eager", fullgraph=True)
     monkeypatch.setattr(M, "_compiled_decode_step", lambda: step)
     model = random_model(3)
     ids, mask = pad_rows([[1, 2, 3, 4, 5], [6, 7]], left=True)
     eager = generate(model, ids, 10, attention_mask=mask)
-    assert torch.equal(generate(model, ids, 10, attention_mask=mask, compile=True), eager)
-    assert torch.equal(generate(model, ids, 10, attention_mask=mask, compile=True), eager)
+    with torch._dynamo.config.patch(error_on_recompile=True):  # (monkeypatch's undo would delete the setting)
+        assert torch.equal(generate(model, ids, 10, attention_mask=mask, compile=True), eager)
+        assert torch.equal(generate(model, ids, 10, attention_mask=mask, compile=True), eager)
     torch._dynamo.reset()
 
 

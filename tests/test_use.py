@@ -8,11 +8,13 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+import model as M
 from conftest import FIXTURES, ROOT
 from data import GSM8K_STOP, GSM8KProblem, chat_prompt, cot_prompt, embedded_tokenizer, gsm8k_prompts
 from model import StableLM
-from remask import chat_loop, evaluate_gsm8k
+from remask import chat_loop, evaluate_gsm8k, greedy_completions, load_for_inference
 
 TRAIN = [GSM8KProblem(f"What is {i} + {i}?", f"{i} + {i} = {2 * i}\n#### {2 * i}") for i in range(1, 8)]
 TEST = [GSM8KProblem("Tom has 3 apples and buys 4. How many?", "3 + 4 = <<3+4=7>>7\n#### 7"),
@@ -116,6 +118,18 @@ def test_generate_and_chat_commands_run(tiny_model_dir):
     run = run_cli("chat", "--model", tiny_model_dir, "--max-new-tokens", "3", "--device", "cpu",
                   input_text="hi\n/reset\nhello\n/exit\n")
     assert run.returncode == 0, run.stderr
+
+
+def test_compiled_decoding_gives_the_same_completions(tiny_model_dir, monkeypatch):
+    """--compile: the same GSM8K completions (stop strings, a short last batch) through the compiled decode step;
+    the eager backend keeps this fast on a CPU (test_model.py runs inductor with CUDA graphs on a GPU)."""
+    step = torch.compile(M.decode_step, backend="eager", fullgraph=True)
+    monkeypatch.setattr(M, "_compiled_decode_step", lambda: step)
+    tok, model, device = load_for_inference(tiny_model_dir, "cpu")
+    prompts = gsm8k_prompts(TEST, TRAIN, "harness")
+    completions = [greedy_completions(model, tok, prompts, 8, device, batch_size=2, stop_ids=(tok.eos_id,),
+                                      stop_strings=GSM8K_STOP["harness"], compile=compile) for compile in (False, True)]
+    assert completions[0] == completions[1] and len(completions[0]) == 3
 
 
 def test_eval_command_errors_clearly(tiny_model_dir, tmp_path):
