@@ -15,9 +15,9 @@ that turns batches into parameter updates:
 4. training: TrainConfig (one --flag per field; defaults = the card's recipe, DEMO = the embedded CPU demo), the
    loop for the three modes of the card's table (sft, masked-thought, remask) with both ReMask passes in one
    forward of a 2B batch, bf16 autocast over fp32 master weights on a GPU, gradient accumulation normalised by
-   the whole step's label tokens, data parallelism under torchrun (DDP), atomic checkpoints and exact --resume,
-   a log line + metrics.jsonl per step and loss.svg; greedy exact match and teacher-forced loss on held-out
-   problems;
+   the whole step's label tokens, nothing read back from the GPU between log steps (the host stays ahead of it),
+   data parallelism under torchrun (DDP), atomic checkpoints and exact --resume, a log line + metrics.jsonl per
+   step and loss.svg; greedy exact match and teacher-forced loss on held-out problems;
 5. compare: every mode x several seeds on the same data and budget, a Markdown table and results.json;
 6. using a model: streamed generation, a terminal chat, and GSM8K evaluation as lm-evaluation-harness scores it
    (the prompts and the metric live in data.py);
