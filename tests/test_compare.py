@@ -29,7 +29,7 @@ def test_table_shape_with_error_bars():
 
 def test_tiny_compare_is_well_formed_and_repeats(tmp_path):
     cfg = TrainConfig(out=str(tmp_path / "a"), n_train=32, global_batch=16, micro_batch=16, seq_len=64, digits=2,
-                      epochs=1, lr=3e-3, log_every=10, save_every=0, n_eval=4, threads=1)
+                      epochs=1, lr=3e-3, log_every=10, save_every=0, n_eval=4, threads=1, device="cpu")
     lines = []
     first = remask.compare(cfg, seeds=[0], log=lines.append)
     saved = json.loads((tmp_path / "a" / "results.json").read_text())
