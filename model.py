@@ -219,6 +219,16 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
 
 
+def matmul_input(h):
+    """h as the matmuls that read it take it. Under autocast each nn.Linear would cast the fp32 LayerNorm output to
+    bf16 itself and keep its own copy for backward; casting once here keeps one copy for q, k and v (one for gate
+    and up): 15 KB less saved per token per layer of StableLM-3B (of 127), with the same values."""
+    device = h.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return h.to(torch.get_autocast_dtype(device))
+    return h
+
+
 class Block(nn.Module):
     def __init__(self, config, index):
         super().__init__()
@@ -236,16 +246,6 @@ class Block(nn.Module):
             return x + a + self.mlp(h)
         x = x + a
         return x + self.mlp(matmul_input(self.post_attention_layernorm(x)))
-
-
-def matmul_input(h):
-    """h as the matmuls that read it take it. Under autocast each nn.Linear would cast the fp32 LayerNorm output to
-    bf16 itself and keep its own copy for backward; casting once here keeps one copy for q, k and v (one for gate
-    and up): 15 KB less saved per token per layer of StableLM-3B (of 127), with the same values."""
-    device = h.device.type
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
-        return h.to(torch.get_autocast_dtype(device))
-    return h
 
 
 class StableLM(nn.Module):

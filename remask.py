@@ -289,11 +289,11 @@ def _objective(logits_a, logits_b, labels, kl_mask, wa, wb, wk, num_tokens, num_
     # the host (as the trainer passes them) nonzero and the checks above cost the device no synchronisation.
     rows_b, rows_t = (has_label | on_kl).nonzero(as_tuple=True)  # (R,), (R,): the positions that matter
     selected = torch.stack([rows_b, rows_t, targets[rows_b, rows_t], on_kl[rows_b, rows_t].long()])  # (4, R)
-    measured = to_device(torch.stack([has_label.sum(), on_kl.sum()]), logits_a.device)  # (2,) the batch's counts
     rows_b, rows_t, targets, on_kl = to_device(selected, logits_a.device)
     compute = torch.promote_types(logits_a.dtype, torch.float32)
-    n_lab = _count("num_tokens", num_tokens, measured[0], logits_a.device, compute)
-    n_kl = _count("num_kl_positions", num_kl_positions, measured[1], logits_a.device, compute)
+    # the batch's own counts, from the selection: it holds every labelled and every KL position
+    n_lab = _count("num_tokens", num_tokens, (targets != IGNORE_INDEX).sum(), logits_a.device, compute)
+    n_kl = _count("num_kl_positions", num_kl_positions, on_kl.sum(), logits_a.device, compute)
     stacked = _stacked_halves(logits_a, logits_b) if logits_b is not None else None
     if stacked is not None:
         logits_a = logits_b = stacked[0]  # (2B, T, V): side a is rows [0, B), side b rows [B, 2B)

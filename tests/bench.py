@@ -1,8 +1,8 @@
 """tests/bench.py: throughput of remask on the current device (`make bench`, `python tests/bench.py --help`).
 
-Each benchmark is a function (model, args) -> dict of measurements, registered in BENCHMARKS; the command line
-runs the chosen benchmarks on the chosen named configs and prints one line each. Weights are random: speed does
-not depend on their values. With no arguments everything runs: the debug config on a CPU; on a GPU also
+Each benchmark is a function (model, args) -> dict of measurements ((config, args) for the memory plan, which
+builds its own small models), registered in BENCHMARKS; the command line runs the chosen benchmarks on the chosen
+named configs and prints one line each. Weights are random: speed does not depend on their values. With no arguments everything runs: the debug config on a CPU; on a GPU also
 stablelm-3b-4e1t (inference in bf16, training in bf16 autocast over fp32 master weights, as remask.py trains).
 
   forward    inference forward passes of a (batch, seq) block: tokens/s and achieved TFLOP/s (MFU on known GPUs)
@@ -153,7 +153,8 @@ def bench_decode(model, args):
         result[name] = f"{tokens_per_s:,.1f} tok/s, weights {weight_bytes * tokens_per_s / 1e9:,.1f} GB/s"
     for name in ("eager", "compiled"):
         if name in seconds and "transformers generate" in seconds:
-            result[f"{name} speed-up vs transformers generate"] = f"{seconds['transformers generate'] / seconds[name]:.2f}x"
+            speed_up = seconds["transformers generate"] / seconds[name]
+            result[f"{name} speed-up vs transformers generate"] = f"{speed_up:.2f}x"
     return result
 
 
@@ -349,7 +350,7 @@ def bench_memory(config, args):
 BENCHMARKS = {"forward": bench_forward, "step": bench_step, "optimizer": bench_optimizer, "decode": bench_decode,
               "memory": bench_memory}
 TRAINING = {"step", "optimizer"}  # benchmarks that train: fp32 master weights (+ bf16 autocast on a GPU)
-PLANS = {"memory"}  # benchmarks that build their own small models from the config
+PLANS = {"memory"}  # benchmarks that take the config, not a built model: they build their own small ones
 
 # ----------------------------------------------------------------------------- command line
 
@@ -393,14 +394,14 @@ def main(argv=None):
           f"torch {torch.__version__}")
     for name in names:
         for bench in [b for b in args.bench if b in BENCHMARKS]:
+            config = Config.named(name)
             if bench in PLANS:
-                print(f"{bench:9s} {name:18s} " + "  ".join(f"{k}: {v}" for k, v in
-                                                         bench_memory(Config.named(name), args).items()), flush=True)
-                continue
-            model = build(Config.named(name), device, torch.float32 if bench in TRAINING else dtype)
-            result = BENCHMARKS[bench](model, args)
+                result = BENCHMARKS[bench](config, args)
+            else:
+                model = build(config, device, torch.float32 if bench in TRAINING else dtype)
+                result = BENCHMARKS[bench](model, args)
+                del model
             print(f"{bench:9s} {name:18s} " + "  ".join(f"{k}: {v}" for k, v in result.items()), flush=True)
-            del model
             gc.collect()  # a transformers model sits in reference cycles: free the weights it shares now
             if device.type == "cuda":
                 torch.cuda.empty_cache()
