@@ -111,8 +111,9 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.tk.encode(text, add_special_tokens=False).ids
 
-    def decode(self, ids) -> str:
-        return self.tk.decode(list(ids), skip_special_tokens=False)
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        """The text of ids; tags and <|endoftext|> are kept unless skip_special_tokens (as Hugging Face's decode)."""
+        return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def save(self, directory) -> Path:
         """Write `directory/tokenizer.json` atomically (tags included), so the directory reloads the same."""

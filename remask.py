@@ -392,13 +392,11 @@ class Lilith(torch.optim.Optimizer):
         v  = beta_v * v + (1 - beta_v) * u^2
         u  = u / sqrt(v / (1 - beta_v^t) + eps)
         p  = p - lr * (u + weight_decay * p)
-        if ema_k > 0:  ema = (1 - ema_beta) * ema + ema_beta * p;  every ema_k-th step p = ema   (ema starts as p)
+        if ema_k > 0:  ema = ema_beta * ema + (1 - ema_beta) * p;  every ema_k-th step p = ema   (ema starts as p)
 
-    The EMA line is what the original code does (ema.lerp_(p, ema_beta)): the new parameters get weight
-    ema_beta, so with the default 0.99 the "EMA" stays close to p. REFERENCE.md section 5 writes the weights the
-    other way round; this class follows the code, which is what the recipe ran. Note the original's quirks,
-    kept: the trust-ratio test is sum(shape) > 1, so shape (1,) and scalars skip it while (1, 1) does not; the
-    rescaled gradient is left in p.grad.
+    This is the final original code (commit 8da52ce, "EMA beta was inverted": ema.lerp_(p, 1 - ema_beta); earlier
+    versions weighted p by ema_beta). The original's quirks are kept: the trust-ratio test is sum(shape) > 1, so
+    shape (1,) and scalars skip it while (1, 1) does not; the rescaled gradient is left in p.grad.
 
     How it differs from AdamW: the gradient is first rescaled to the parameter's norm (a LARS/LAMB-like trust
     ratio, so every tensor moves by about the same relative amount); the first moment is a two-level momentum
@@ -480,7 +478,7 @@ class Lilith(torch.optim.Optimizer):
         u.add_(p, alpha=group["weight_decay"])
         p.add_(u, alpha=-group["lr"])
         if group["ema_k"] > 0:
-            state["ema"].lerp_(p.to(dtype), group["ema_beta"])
+            state["ema"].lerp_(p.to(dtype), 1 - group["ema_beta"])
             if state["step"] % group["ema_k"] == 0:
                 p.copy_(state["ema"])
 
@@ -915,12 +913,19 @@ class TextStream:
         return torch.tensor([any(s in t for s in self.stop_strings) for t in self.text], device=tokens.device)
 
 
+def completion_text(tok, ids, stop_ids, stop_strings=(), skip_special_tokens=False) -> str:
+    """The text of generated ids: cut after the first stop id, decoded (tags dropped with skip_special_tokens, as
+    lm-evaluation-harness's Hugging Face model decodes), then cut before the first stop string."""
+    cut = next((i + 1 for i, t in enumerate(ids) if t in stop_ids), len(ids))
+    return cut_at_stop(tok.decode(ids[:cut], skip_special_tokens), stop_strings)
+
+
 @torch.no_grad()
 def greedy_completions(model, tok, prompts, max_new_tokens, device, precision="fp32", batch_size=64,
-                       stop_ids=None, stop_strings=(), log=None, compile=False) -> list:
-    """Greedy continuations of prompts (left-padded batches), cut after the first stop id (default <|user|>,
-    <|endoftext|>) and before the first stop string (these cost a decode per token, so only when asked).
-    compile: the compiled decode step (model.generate)."""
+                       stop_ids=None, stop_strings=(), log=None, compile=False, skip_special_tokens=False) -> list:
+    """Greedy continuations of prompts (left-padded batches) as completion_text gives them; stop ids default to
+    <|user|>, <|endoftext|>; stop strings cost a decode per token, so only when asked (generation stops when the
+    text with its tags holds one, as the harness's stopping criterion). compile: the compiled decode step."""
     stop_ids = (tok.user_id, tok.eos_id) if stop_ids is None else stop_ids
     out = []
     for start in range(0, len(prompts), batch_size):
@@ -934,9 +939,7 @@ def greedy_completions(model, tok, prompts, max_new_tokens, device, precision="f
             rows = generate(model, ids.to(device), max_new_tokens, stop_ids=stop_ids, attention_mask=mask.to(device),
                             pad_id=tok.pad_id, on_token=TextStream(tok, len(encoded), stop_strings)
                             if stop_strings else None, compile=compile)[:, T:].tolist()
-        for row in rows:
-            cut = next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))
-            out.append(cut_at_stop(tok.decode(row[:cut]), stop_strings))
+        out += [completion_text(tok, row, stop_ids, stop_strings, skip_special_tokens) for row in rows]
         if log is not None:
             log(f"{len(out)}/{len(prompts)} prompts done")
     return out
@@ -1118,38 +1121,46 @@ def _train(cfg, ranks, device, print_fn, evaluate_untrained):
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 steps_since_log += 1
-                # a single process may honour Ctrl-C at once; ranks wait for a log step, where they agree on it
-                if step % cfg.log_every and step != stop and not (sigint.requested and ranks.world == 1):
+                # The loop reads back from the device (and ranks agree) only at log steps, checkpoint steps and the
+                # last step; a single process may honour Ctrl-C at once, ranks wait for such a step to agree on it.
+                log_step = step % cfg.log_every == 0 or step == stop
+                save_step = bool(cfg.save_every) and step % cfg.save_every == 0
+                if not (log_step or save_step or (sigint.requested and ranks.world == 1)):
                     continue
-                # --- log step: the loop's one synchronisation with the device (and between ranks)
+                # a checkpoint of non-finite weights must never become "the last good checkpoint"
+                finite = torch.stack([p.isfinite().all() for p in model.parameters()]).all()
                 stats = torch.cat([loss_sum[None], sums, torch.tensor([tokens, flops, sigint.requested],
-                                                                      dtype=torch.float32, device=device)])
+                                                                      dtype=torch.float32, device=device),
+                                   (~finite).float()[None]])
                 if ranks.world > 1:
                     dist.all_reduce(stats)
                 stats = stats.tolist()
-                now = time.perf_counter()
-                m = {"step": step, "total_steps": total, "epoch": epoch, "loss": stats[0] / steps_since_log,
-                     **{name: stats[1 + k] / steps_since_log for k, name in
-                        enumerate(("ce_masked", "ce_full", "kl")) if name in PARTS[cfg.mode]},
-                     "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": stats[4] / (now - t_log),
-                     "mfu": stats[5] / (now - t_log) / (peak * ranks.world) if peak else None,
-                     "peak_mem_gb": peak_memory_gb(device), "elapsed_s": now - t_start,
-                     "eta_s": (now - t_start) / (step - start_step) * (stop - step)}
-                if not math.isfinite(m["loss"]):
+                if not math.isfinite(stats[0]) or stats[7] > 0:
                     where = f"last good checkpoint: {last_saved}" if last_saved else "no checkpoint was saved yet"
-                    raise TrainError(f"loss is {m['loss']} at step {step} (or in the {steps_since_log} steps before "
-                                     f"it); stopping. {where} (resume it with --resume, maybe with a lower --lr)")
-                history.append(m)
-                if main:
-                    log(format_metrics(m, cfg.mode))
-                    with open(metrics_file, "a") as f:
-                        f.write(json.dumps(m) + "\n")
-                loss_sum.zero_()
-                sums.zero_()
-                tokens = flops = steps_since_log = 0
-                t_log = time.perf_counter()
+                    what = f"loss is {stats[0] / steps_since_log}" if not math.isfinite(stats[0]) \
+                        else "the weights are not finite"
+                    raise TrainError(f"{what} at step {step} (or in the {steps_since_log} steps before it); "
+                                     f"stopping. {where} (resume it with --resume, maybe with a lower --lr)")
                 interrupted = stats[6] > 0
-                if interrupted or step == stop or (cfg.save_every and step % cfg.save_every == 0):
+                if log_step or interrupted:
+                    now = time.perf_counter()
+                    m = {"step": step, "total_steps": total, "epoch": epoch, "loss": stats[0] / steps_since_log,
+                         **{name: stats[1 + k] / steps_since_log for k, name in
+                            enumerate(("ce_masked", "ce_full", "kl")) if name in PARTS[cfg.mode]},
+                         "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": stats[4] / (now - t_log),
+                         "mfu": stats[5] / (now - t_log) / (peak * ranks.world) if peak else None,
+                         "peak_mem_gb": peak_memory_gb(device), "elapsed_s": now - t_start,
+                         "eta_s": (now - t_start) / (step - start_step) * (stop - step)}
+                    history.append(m)
+                    if main:
+                        log(format_metrics(m, cfg.mode))
+                        with open(metrics_file, "a") as f:
+                            f.write(json.dumps(m) + "\n")
+                    loss_sum.zero_()
+                    sums.zero_()
+                    tokens = flops = steps_since_log = 0
+                    t_log = time.perf_counter()
+                if interrupted or step == stop or save_step:
                     if main:
                         last_saved = save_checkpoint(out, step, model, tok, optimizer, cfg, cfg.keep)
                         log(f"saved {last_saved}")
@@ -1376,11 +1387,14 @@ def cmd_eval(args):
     train = read_gsm8k(args.fewshot_data) if args.format == "harness" else None
     tok, model, device = load_for_inference(args.model, args.device)
     precision = "bf16" if device.type == "cuda" else "fp32"
-    # harness: only <|endoftext|> is a stop id; it drops tags and goes on, so "Question:" etc. end the answer
-    stop_ids = (tok.eos_id,) if args.format == "harness" else (tok.user_id, tok.eos_id)
+    # harness: only <|endoftext|> is a stop id and tags are dropped from the text (the harness decodes with
+    # skip_special_tokens=True), so "Question:" etc. end the answer; cot: the tags delimit the answer, so they stay
+    harness = args.format == "harness"
+    stop_ids = (tok.eos_id,) if harness else (tok.user_id, tok.eos_id)
     complete = lambda prompts, stops: greedy_completions(  # noqa: E731
         model, tok, prompts, args.max_new_tokens, device, precision, args.batch_size, stop_ids, stops,
-        log=lambda line: print(line, file=sys.stderr, flush=True), compile=args.compile)
+        log=lambda line: print(line, file=sys.stderr, flush=True), compile=args.compile,
+        skip_special_tokens=harness)
     t0 = time.time()
     scores, rows = evaluate_gsm8k(complete, problems, train, args.format, args.limit)
     output = Path(args.output or f"gsm8k-{args.format}.jsonl")

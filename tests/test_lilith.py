@@ -9,12 +9,14 @@ from safetensors.torch import load_file
 from conftest import FIXTURES
 from remask import Lilith
 
-GOLDEN = FIXTURES / "lilith" / "golden_defaults"
+# Trajectories of the final original code (supertrainer2000 lilith.py at 8da52ce): default settings (EMA off),
+# and every hyper-parameter away from its default with the EMA on.
+GOLDEN = {"defaults": FIXTURES / "lilith" / "golden_defaults", "ema": FIXTURES / "lilith" / "golden_ema"}
 
 
 def transcribed_lilith(p, grads, lr, eps=1e-8, beta1_m=0.9, beta2_m=0.99, beta_v=0.999, weight_decay=0.01,
                        g_norm_min=1e-4, ratio_min=1e-4, acceleration=1, ema_k=0, ema_beta=0.99):
-    """The update rule written out step by step in float64 (REFERENCE.md section 5, EMA weights as in the code)."""
+    """The update rule written out step by step in float64, as in supertrainer2000's final lilith.py (8da52ce)."""
     p = p.double().clone()
     m1, m2, v, ema = torch.zeros_like(p), torch.zeros_like(p), torch.zeros_like(p), p.clone()
     trajectory = []
@@ -30,7 +32,7 @@ def transcribed_lilith(p, grads, lr, eps=1e-8, beta1_m=0.9, beta2_m=0.99, beta_v
         u = u / torch.sqrt(v / (1 - beta_v ** t) + eps)
         p = p - lr * (u + weight_decay * p)
         if ema_k > 0:
-            ema = (1 - ema_beta) * ema + ema_beta * p  # the original's ema.lerp_(p, ema_beta)
+            ema = ema_beta * ema + (1 - ema_beta) * p  # the original's ema.lerp_(p, 1 - ema_beta)
             if t % ema_k == 0:
                 p = ema.clone()
         trajectory.append(p)
@@ -51,9 +53,10 @@ def run_lilith(p0, grads, dtype=torch.float64, **hp):
 # ----------------------------------------------------------------------------- the original's trajectory
 
 
-def test_follows_the_original_code_with_default_settings():
-    meta = json.loads(GOLDEN.with_suffix(".json").read_text())
-    data = load_file(GOLDEN.with_suffix(".safetensors"))
+@pytest.mark.parametrize("golden", sorted(GOLDEN))
+def test_follows_the_original_code(golden):
+    meta = json.loads(GOLDEN[golden].with_suffix(".json").read_text())
+    data = load_file(GOLDEN[golden].with_suffix(".safetensors"))
     names, steps = meta["tensors"], meta["steps"]
     params = [torch.nn.Parameter(data[f"{name}.init"].clone()) for name in names]
     opt = Lilith(params, **meta["hyperparameters"])

@@ -257,6 +257,23 @@ def test_nan_loss_stops_naming_the_step_and_the_last_checkpoint(tmp_path, monkey
         remask.train(cfg, log=lambda m: None)
 
 
+def test_non_finite_weights_stop_before_they_are_saved(tmp_path, monkeypatch):
+    """A step whose update leaves inf in the weights (the loss of that step was still finite) must not be saved as a
+    good checkpoint: the read-back of a checkpoint step checks the weights too."""
+    real_step = remask.Lilith.step
+
+    def poisoned(self, *args, **kwargs):
+        real_step(self, *args, **kwargs)
+        if self.state[self.param_groups[0]["params"][0]]["step"] == 3:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("inf")
+    monkeypatch.setattr(remask.Lilith, "step", poisoned)
+    cfg = tiny(tmp_path, epochs=2, save_every=1, keep=5, log_every=4)
+    with pytest.raises(TrainError, match=r"weights are not finite at step 3.*last good checkpoint: .*step-000002"):
+        remask.train(cfg, log=lambda m: None)
+    assert [p.name for p in remask.checkpoints(cfg.out)] == ["step-000001", "step-000002"]
+
+
 def test_out_of_memory_names_the_flags(tmp_path, monkeypatch):
     def oom(loss):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -318,6 +335,22 @@ def test_a_flag_per_field_and_the_card_defaults(capsys):
         remask.config_from_args(parser.parse_args(["train", "--micro-batch", "0"]), {})
     with pytest.raises(ValueError, match="--input-mask"):
         TrainConfig(input_mask=1.5)
+
+
+@pytest.mark.parametrize("log_every, save_every, stop_at, saved, logged", [
+    (3, 2, 5, [2, 4, 5], [3, 5]),  # checkpoints between log steps, and at the stop
+    (2, 3, 4, [3, 4], [2, 4]),
+    (4, 1, 3, [1, 2, 3], [3]),
+])
+def test_save_every_fires_on_its_own_steps_through_the_command_line(tmp_path, log_every, save_every, stop_at,
+                                                                     saved, logged):
+    out = tmp_path / "run"
+    args = ["train", "--out", str(out), "--n-train", "96", "--global-batch", "16", "--micro-batch", "16",
+            "--seq-len", "64", "--digits", "2", "--epochs", "1", "--n-eval", "0", "--threads", "1", "--device", "cpu",
+            "--keep", "10", "--log-every", str(log_every), "--save-every", str(save_every), "--stop-at", str(stop_at)]
+    assert remask.main(args) == 0
+    assert [int(p.name.split("-")[1]) for p in remask.checkpoints(out)] == saved
+    assert [m["step"] for m in metrics(out)] == logged
 
 
 @pytest.mark.parametrize("command", [[], ["train"], ["compare"], ["generate"]])

@@ -12,9 +12,10 @@ import torch
 
 import model as M
 from conftest import FIXTURES, ROOT
-from data import GSM8K_STOP, GSM8KProblem, chat_prompt, cot_prompt, embedded_tokenizer, gsm8k_prompts
+from data import (GSM8K_STOP, GSM8KProblem, chat_prompt, cot_prompt, embedded_tokenizer, gsm8k_prompts, load_tokenizer,
+                  score_gsm8k)
 from model import StableLM
-from remask import chat_loop, evaluate_gsm8k, greedy_completions, load_for_inference
+from remask import chat_loop, completion_text, evaluate_gsm8k, greedy_completions, load_for_inference
 
 TRAIN = [GSM8KProblem(f"What is {i} + {i}?", f"{i} + {i} = {2 * i}\n#### {2 * i}") for i in range(1, 8)]
 TEST = [GSM8KProblem("Tom has 3 apples and buys 4. How many?", "3 + 4 = <<3+4=7>>7\n#### 7"),
@@ -52,6 +53,26 @@ def test_gsm8k_limit_and_cot_format():
     scores, rows = evaluate_gsm8k(complete, TEST, None, "cot", limit=2)
     assert asked[0] == ([cot_prompt(p.question) for p in TEST[:2]], GSM8K_STOP["cot"])
     assert scores["strict-match"].correct == [True, False] and len(rows) == 2
+
+
+@pytest.mark.parametrize("generated, harness_strict, cot_strict", [
+    # the harness decodes with skip_special_tokens=True: a tag inside the answer vanishes from its text
+    (" #### 1<|answer|>2", "12", "2"),
+    (" ####<|answer|> 5", "5", "5"),
+    ("<|rationale|>3 + 4 = 7\n#### 7", "7", "[invalid]"),
+    (" #### 7\n<|answer|>\n8\n<|user|>\nQuestion: next", "7", "8"),
+])
+def test_generated_tags_are_decoded_as_each_format_reads_them(generated, harness_strict, cot_strict):
+    """Generated ids (tags are single special ids of the GPT-NeoX tokenizer with the ReMask tags), then
+    <|endoftext|>: the harness format scores the text without tags, the CoT format keeps them to find the answer."""
+    tok = load_tokenizer(FIXTURES / "gpt-neox-20b-tokenizer")
+    ids = tok.encode(generated) + [tok.eos_id, *tok.encode(" #### 99")]  # nothing after <|endoftext|> counts
+    assert tok.user_id in ids or tok.answer_id in ids or tok.rationale_id in ids
+    harness = completion_text(tok, ids, (tok.eos_id,), GSM8K_STOP["harness"], skip_special_tokens=True)
+    cot = completion_text(tok, ids, (tok.user_id, tok.eos_id), GSM8K_STOP["cot"])
+    reference = "1 + 1 = 2\n#### " + harness_strict
+    assert score_gsm8k([harness], [reference], "harness")["strict-match"].extracted == [harness_strict]
+    assert score_gsm8k([cot], ["#### " + cot_strict], "cot")["strict-match"].extracted == [cot_strict]
 
 
 def test_chat_keeps_history_in_the_chat_format_and_resets():
