@@ -62,7 +62,8 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 TAGS = ("<|user|>", "<|assistant|>", "<|rationale|>", "<|answer|>", "<|mask|>")
 EOS = "<|endoftext|>"
 PAD_ID = 0  # right padding id (REFERENCE.md section 3); never a label, so any id would do
-IGNORE = -100  # label of a position without a target (torch's cross_entropy ignore_index)
+IGNORE_INDEX = -100  # label of a position without a target (torch's cross_entropy ignore_index)
+MODES = ("remask", "masked-thought", "sft")  # the three rows of the card's table (see MaskConfig)
 
 # Token roles. Content roles are numerically above TAG: a token's role is the largest role among its characters,
 # so a token that merges a framing newline with content counts as content.
@@ -525,8 +526,8 @@ class MaskConfig:
     mask_with: str = "mask"  # "mask": <|mask|>; "random": a uniformly random ordinary token (Masked Thought)
 
     def __post_init__(self):
-        if self.mode not in ("sft", "masked-thought", "remask"):
-            raise ValueError(f"mode must be sft, masked-thought or remask, got {self.mode!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.mask_with not in ("mask", "random"):
             raise ValueError(f"mask_with must be 'mask' or 'random', got {self.mask_with!r}")
         for field in ("input_mask", "label_mask", "answer_only"):
@@ -542,7 +543,7 @@ def mask_example(ex: Encoded, tok: Tokenizer, cfg: MaskConfig, seed: int, epoch:
         raise ValueError(f"seed must be in [0, 2**32), got {seed}")  # one word each keeps the seed streams apart
     # numpy on these short vectors costs a fraction of torch's per-op overhead; the tensors share the memory
     ids, roles = ex.ids.numpy(), ex.roles.numpy()
-    labels = np.where(ex.targets.numpy(), ids, IGNORE)  # (T,)
+    labels = np.where(ex.targets.numpy(), ids, IGNORE_INDEX)  # (T,)
     item = dict(input_ids=ex.ids, masked_ids=None, labels=torch.from_numpy(labels), kl_mask=ex.targets)
     if cfg.mode == "sft":
         return item
@@ -556,17 +557,22 @@ def mask_example(ex: Encoded, tok: Tokenizer, cfg: MaskConfig, seed: int, epoch:
         fill = tok.ordinary_ids[rng.integers(0, len(tok.ordinary_ids), T)]  # (T,)
     item["masked_ids"] = torch.from_numpy(np.where(maskable & (u_input < cfg.input_mask), fill, ids))
     if ex.cot:
-        labels[(roles == RATIONALE) & ((u_label < cfg.label_mask) | (u_answer < cfg.answer_only))] = IGNORE
+        labels[(roles == RATIONALE) & ((u_label < cfg.label_mask) | (u_answer < cfg.answer_only))] = IGNORE_INDEX
     return item
 
 
 # ----------------------------------------------------------------------------- batching
 
+def round_up(n: int, multiple: int) -> int:
+    """The smallest multiple of `multiple` that is >= n."""
+    return -(-n // multiple) * multiple
+
+
 def collate(items: list, pad_multiple: int = 8, pin_memory=None) -> dict:
     """Right-pad a list of mask_example dicts to the longest, rounded up to pad_multiple (tensor-core
     friendly shapes, fewer distinct shapes for torch.compile); pinned memory when CUDA is there."""
     T = max(len(it["input_ids"]) for it in items)
-    T = -(-T // pad_multiple) * pad_multiple
+    T = round_up(T, pad_multiple)
     pin = torch.cuda.is_available() if pin_memory is None else pin_memory
 
     def pad(key, value, dtype):
@@ -575,7 +581,7 @@ def collate(items: list, pad_multiple: int = 8, pin_memory=None) -> dict:
             row[:len(it[key])] = it[key]
         return out.pin_memory() if pin else out
 
-    batch = dict(input_ids=pad("input_ids", PAD_ID, torch.int64), labels=pad("labels", IGNORE, torch.int64),
+    batch = dict(input_ids=pad("input_ids", PAD_ID, torch.int64), labels=pad("labels", IGNORE_INDEX, torch.int64),
                  kl_mask=pad("kl_mask", False, torch.bool), masked_ids=None)
     if items[0]["masked_ids"] is not None:
         batch["masked_ids"] = pad("masked_ids", PAD_ID, torch.int64)
@@ -605,7 +611,7 @@ class Loader:
         self.global_batch, self.micro_batch, self.group_by_length = global_batch, micro_batch, group_by_length
         self.rank, self.world_size, self.pin_memory = rank, world_size, pin_memory
         n = len(examples)
-        self.steps_per_epoch = n // global_batch if drop_last else -(-n // global_batch)
+        self.steps_per_epoch = n // global_batch if drop_last else round_up(n, global_batch) // global_batch
         self.lengths = np.array([len(ex.ids) for ex in examples])
 
     def __len__(self) -> int:
@@ -759,12 +765,12 @@ LEGEND = ("⟦…⟧ labels (graded); text outside them is input only.  ⟨x⟩ 
 def render(ex: Encoded, tok: Tokenizer, item: dict = None) -> str:
     """An example as text with what training does to each token marked (see LEGEND); `item` is the
     mask_example output to show (default: labels without any masking)."""
-    labels = (item["labels"] if item else torch.where(ex.targets, ex.ids, IGNORE)).tolist()
+    labels = (item["labels"] if item else torch.where(ex.targets, ex.ids, IGNORE_INDEX)).tolist()
     masked = item["masked_ids"].tolist() if item and item["masked_ids"] is not None else ex.ids.tolist()
     ids = ex.ids.tolist()
     out, run, in_label = [], [], False
     for t, i in enumerate(ids):
-        is_label = labels[t] != IGNORE
+        is_label = labels[t] != IGNORE_INDEX
         if is_label != in_label or masked[t] != i:
             out.append(tok.decode(run))
             run = []
@@ -780,8 +786,8 @@ def render(ex: Encoded, tok: Tokenizer, item: dict = None) -> str:
     out.append(tok.decode(run) + ("⟧" if in_label else ""))
     n_mask = sum(m != i for m, i in zip(masked, ids))
     maskable = int(((ex.roles == RESPONSE) | (ex.roles == RATIONALE)).sum())
-    dropped = int((ex.targets & (torch.tensor(labels) == IGNORE)).sum())
-    head = (f"[{'cot' if ex.cot else 'chat'}: {len(ids)} tokens, {sum(y != IGNORE for y in labels)} labels"
+    dropped = int((ex.targets & (torch.tensor(labels) == IGNORE_INDEX)).sum())
+    head = (f"[{'cot' if ex.cot else 'chat'}: {len(ids)} tokens, {sum(y != IGNORE_INDEX for y in labels)} labels"
             f" ({dropped} dropped), {n_mask} of {maskable} maskable inputs masked]")
     return head + "\n" + "".join(out)
 
@@ -986,7 +992,7 @@ def main(argv=None):
     show.add_argument("spec", help="a data file, a mixture spec (a.jsonl,b.jsonl:1000), or 'embedded'")
     show.add_argument("--tokenizer", help="model directory (or tokenizer.json); default for 'embedded': its own")
     show.add_argument("--limit", type=int, default=3, help="how many examples to print")
-    show.add_argument("--mode", default="remask", choices=["sft", "masked-thought", "remask"])
+    show.add_argument("--mode", default="remask", choices=MODES)
     show.add_argument("--seed", type=int, default=0, help="sampling and masking seed")
     show.add_argument("--epoch", type=int, default=0, help="epoch whose masks to show")
     show.add_argument("--seq-len", type=int, default=256, help="longer examples are dropped")

@@ -58,17 +58,16 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from data import (GSM8K_MAX_NEW_TOKENS, GSM8K_STOP, CoTRecord, DataError, Loader, MaskConfig, Tokenizer, atomic_write,
-                  chat_prompt, collate, cot_prompt, cut_at_stop, embedded_dataset, embedded_tokenizer, encode_many,
-                  extract_answer, fit_length, format_record, gsm8k_prompts, load_tokenizer, mask_example, read_gsm8k,
-                  read_mixture, score_gsm8k)
+from data import (GSM8K_MAX_NEW_TOKENS, GSM8K_STOP, IGNORE_INDEX, MODES, CoTRecord, DataError, Loader, MaskConfig,
+                  Tokenizer, atomic_write, chat_prompt, collate, cot_prompt, cut_at_stop, embedded_dataset,
+                  embedded_tokenizer, encode_many, extract_answer, fit_length, format_record, gsm8k_prompts,
+                  load_tokenizer, mask_example, read_gsm8k, read_mixture, round_up, score_gsm8k)
 from model import CONFIGS, Config, StableLM, generate
 
 # ----------------------------------------------------------------------------- objective
 # Labels follow the Hugging Face convention: labels[:, t] is the token at position t, so logits[:, t] are graded
 # on labels[:, t + 1] and the shift happens inside. A kl_mask is aligned the same way.
 
-IGNORE_INDEX = -100  # label value that grades nothing (Hugging Face / torch convention)
 # Logits per fp32 chunk (positions x vocabulary): ~6 fp32 (chunk, V) buffers live, 154 MB; 128 positions at
 # StableLM's V = 50304, where the memory figure below was measured; a small vocabulary takes many positions at once,
 # since per-chunk overhead, not memory, is then what costs (128-position chunks slowed a V = 128 CPU step by ~10%).
@@ -526,7 +525,6 @@ def one_cycle_lr(step: int, total_steps: int, max_lr: float, pct_start: float = 
 
 
 # ----------------------------------------------------------------------------- training configuration
-MODES = ("remask", "masked-thought", "sft")
 PASSES = {"remask": 2, "masked-thought": 1, "sft": 1}  # forward passes per example (for the FLOP count)
 PARTS = {"remask": ("ce_masked", "ce_full", "kl"), "masked-thought": ("ce_masked",), "sft": ("ce_full",)}
 
@@ -686,15 +684,11 @@ def init_distributed(device_name: str) -> tuple:
 # ----------------------------------------------------------------------------- model and data
 
 
-def _round_up(n, multiple=64):
-    return -(-n // multiple) * multiple
-
-
 def load_model(cfg: TrainConfig, tok, log) -> StableLM:
     """A --model checkpoint as fp32 master weights (vocabulary grown if the tokenizer needs more rows), or a
     fresh --arch model seeded by --seed. Lilith cannot move bf16 weights by lr 1e-5 steps (see Lilith)."""
     if not cfg.model:
-        config = replace(Config.named(cfg.arch), vocab_size=_round_up(len(tok)), eos_token_id=tok.eos_id,
+        config = replace(Config.named(cfg.arch), vocab_size=round_up(len(tok), 64), eos_token_id=tok.eos_id,
                          bos_token_id=tok.eos_id)
         torch.manual_seed(cfg.seed)
         return StableLM(config)
@@ -708,7 +702,7 @@ def load_model(cfg: TrainConfig, tok, log) -> StableLM:
         raise TrainError(f"--model {path}: tokenizer.json's <|endoftext|> is id {tok.eos_id} but config.json's "
                          f"eos_token_id is {eos}: the tokenizer does not belong to this model")
     if len(tok) > model.config.vocab_size:
-        rows = _round_up(len(tok))
+        rows = round_up(len(tok), 64)
         log(f"growing the vocabulary from {model.config.vocab_size} to {rows} rows: the tokenizer needs {len(tok)} "
             f"(new rows start as the mean of the old ones)")
         model.resize_vocab(rows)

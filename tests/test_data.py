@@ -240,9 +240,9 @@ def test_masks_touch_only_content_and_rationale_labels(neox, seed, mask_with):
         assert (ex.roles[changed] == data.RESPONSE).logical_or(ex.roles[changed] == data.RATIONALE).all()
         if mask_with == "mask":
             assert (it["masked_ids"][changed] == neox.mask_id).all()
-        dropped = ex.targets & (it["labels"] == data.IGNORE)
+        dropped = ex.targets & (it["labels"] == data.IGNORE_INDEX)
         assert (ex.roles[dropped] == data.RATIONALE).all()
-        kept = it["labels"] != data.IGNORE
+        kept = it["labels"] != data.IGNORE_INDEX
         assert torch.equal(it["labels"][kept], ex.ids[kept]) and not (kept & ~ex.targets).any()
         if not ex.cot:
             assert not dropped.any()
@@ -268,7 +268,7 @@ def test_mask_and_drop_rates_match_probabilities(small, seed, p_in, p_label, p_a
         maskable += int(content.sum())
         masked += int((it["masked_ids"] != ex.ids).sum())
         rationale = ex.roles == data.RATIONALE
-        n_drop = int((rationale & (it["labels"] == data.IGNORE)).sum())
+        n_drop = int((rationale & (it["labels"] == data.IGNORE_INDEX)).sum())
         if n_drop == int(rationale.sum()):
             answer_only += 1
         else:
@@ -285,7 +285,7 @@ def test_modes(neox):
     for ex, r, m, s in zip(examples, remask, thought, sft):
         assert torch.equal(r["masked_ids"], m["masked_ids"]) and torch.equal(r["labels"], m["labels"])
         assert s["masked_ids"] is None
-        assert torch.equal(s["labels"], torch.where(ex.targets, ex.ids, data.IGNORE))
+        assert torch.equal(s["labels"], torch.where(ex.targets, ex.ids, data.IGNORE_INDEX))
     assert any((r["labels"] != s["labels"]).any() for r, s in zip(remask, sft))  # CoT label dropping happened
     with pytest.raises(ValueError, match="mode must be"):
         data.MaskConfig("spin")
@@ -334,7 +334,7 @@ def test_label_alignment_after_shifting(neox, seed):
         first = int(ex.targets.float().argmax())
         assert shifted[b, first - 1] == ex.ids[first]
         assert not ex.targets[:first].any()
-        valid = shifted[b, :len(ex.ids) - 1] != data.IGNORE
+        valid = shifted[b, :len(ex.ids) - 1] != data.IGNORE_INDEX
         assert torch.equal(shifted[b, :len(ex.ids) - 1][valid], ex.ids[1:][valid])
         assert (ex.roles[1:][valid] != data.PROMPT).all()
 
