@@ -1,39 +1,41 @@
 """remask: fine-tune a causal language model with ReMask, from the loss to the command line.
 
-ReMask (euclaise, ReMask-3B model card) runs the model twice on each example, once with some target tokens of the
-input replaced by a mask token and once on the full input, and minimises
+ReMask (euclaise, the ReMask-3B model card) runs the model twice on each example, once with some target tokens
+of the input replaced by a mask token and once on the full input, and minimises
 
     loss = 0.5 * (CE(masked) + CE(full)) + w * 0.5 * (KL(full || masked) + KL(masked || full))      (w = 0.1)
 
-so that the model predicts the same thing whether or not its context was corrupted. This file holds everything
-that turns batches into parameter updates:
+so that the model predicts the same thing whether or not its context was corrupted. Read this file top to bottom:
 
-1. the objective: cross-entropy with ignore index, the symmetric KL between two passes and the ReMask loss, as one
-   chunked autograd function with an analytic gradient, so that no fp32 copy of the logits is ever held;
-2. Lilith, the optimizer of the ReMask recipe, reproducing euclaise's original step for step;
+1. the objective: remask_loss_reference, the loss by definition in a dozen lines of plain torch; then the same
+   value and gradient computed chunk by chunk with an analytic gradient, so that no fp32 copy of the logits is
+   ever held (remask_loss, remask_loss_parts, cross_entropy, symmetric_kl);
+2. Lilith, the optimizer of the ReMask recipe, as euclaise's original code computes it;
 3. the one-cycle cosine learning-rate schedule (torch's OneCycleLR without cycle_momentum) as a pure function;
-4. training: TrainConfig (one --flag per field; defaults = the card's recipe, DEMO = the embedded CPU demo), the
-   loop for the three modes of the card's table (sft, masked-thought, remask) with both ReMask passes in one
-   forward of a 2B batch, bf16 autocast over fp32 master weights on a GPU, gradient accumulation normalised by
-   the whole step's label tokens, nothing read back from the GPU between log steps (the host stays ahead of it),
-   data parallelism under torchrun (DDP), atomic checkpoints and exact --resume, a log line + metrics.jsonl per
-   step and loss.svg; greedy exact match and teacher-forced loss on held-out problems;
-5. compare: every mode x several seeds on the same data and budget, a Markdown table and results.json;
-6. using a model: streamed generation, a terminal chat, and GSM8K evaluation as lm-evaluation-harness scores it
-   (the prompts and the metric live in data.py);
+4. training: TrainConfig (one --flag per field; defaults = the card's recipe, DEMO = the embedded CPU demo), one
+   training step (both ReMask passes in one forward of a 2B batch, bf16 autocast over fp32 master weights on a
+   GPU, gradients accumulated and normalised by the whole step's label tokens), the loop (nothing read back from
+   the GPU between log steps; a log line + metrics.jsonl per step and loss.svg), checkpoints (atomic, exact
+   --resume), data parallelism under torchrun (DDP) and sharded training (FSDP2, --parallel fsdp);
+5. held-out evaluation (greedy exact match, teacher-forced loss) and compare: every mode x several seeds on the
+   same data and budget, a Markdown table and results.json;
+6. using a model: streamed generation, a terminal chat, and the GSM8K (5-shot, strict match) and ARC-Challenge
+   (25-shot, acc_norm) evaluations as lm-evaluation-harness scores them (prompts and metrics live in data.py);
 7. the command line: `python remask.py train|compare|generate|chat|eval --help`.
 It brings model.py (StableLM), data.py (tokenizer, formats, masking) and quantize.py (LLM.int8) together.
 
 Deliberately left out: temperature in the KL (the card uses 1), a fused matmul + loss kernel (the logits are
 materialised once, in the model's dtype), foreach/fused optimizer kernels (one readable loop over tensors),
 second derivatives of the loss, gradient clipping (the recipe has none; Lilith rescales each gradient to its
-parameter's norm), FSDP/ZeRO sharding (DDP keeps a full replica per GPU) and fp16 loss scaling (bf16 needs none).
+parameter's norm) and fp16 loss scaling (bf16 needs none).
 
-References: the ReMask-3B model card; R-TeaFor (regularized teacher-forcing, EMNLP 2022) for the two passes
-with forward + reverse KL; Masked Thought (Chen et al., arXiv 2403.02178); Lilith in euclaise/supertrainer2000,
-src/supertrainer2k/optim/lilith.py; the one-cycle policy (Smith & Topin, arXiv 1708.07120) and
-torch.optim.lr_scheduler.OneCycleLR; chunked losses with gradients computed in the forward pass as in
-Liger-Kernel (arXiv 2410.10989).
+References: the ReMask-3B model card (huggingface.co/euclaise/ReMask-3B); R-TeaFor (regularized
+teacher-forcing, EMNLP 2022) for the two passes with forward + reverse KL; Masked Thought (Chen et al., arXiv
+2403.02178); Lilith: euclaise/supertrainer2000, src/supertrainer2k/optim/lilith.py at commit 8da52ce; the
+one-cycle policy (Smith & Topin, arXiv 1708.07120) and torch.optim.lr_scheduler.OneCycleLR (torch 2.13); chunked
+losses with gradients computed in the forward pass as in Liger-Kernel (arXiv 2410.10989); FSDP2
+(torch.distributed.fsdp.fully_shard); GSM8K (Cobbe et al., arXiv 2110.14168) and ARC (Clark et al., arXiv
+1803.05457) as EleutherAI's lm-evaluation-harness runs them.
 """
 import argparse
 import json
@@ -56,6 +58,7 @@ from typing import NamedTuple, Optional, Union
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from data import (GSM8K_MAX_NEW_TOKENS, GSM8K_STOP, IGNORE_INDEX, MODES, CoTRecord, DataError, Loader, MaskConfig,
@@ -64,250 +67,188 @@ from data import (GSM8K_MAX_NEW_TOKENS, GSM8K_STOP, IGNORE_INDEX, MODES, CoTReco
                   load_tokenizer, mask_example, read_gsm8k, read_mixture, round_up, score_gsm8k)
 from model import CONFIGS, Config, StableLM, generate
 
-# ----------------------------------------------------------------------------- objective
+# ----------------------------------------------------------------------------- objective: the definition
 # Labels follow the Hugging Face convention: labels[:, t] is the token at position t, so logits[:, t] are graded
 # on labels[:, t + 1] and the shift happens inside. A kl_mask is aligned the same way.
-
-# Logits per fp32 chunk (positions x vocabulary): ~6 fp32 (chunk, V) buffers live, 154 MB; 128 positions at
-# StableLM's V = 50304, where the memory figure below was measured; a small vocabulary takes many positions at once,
-# since per-chunk overhead, not memory, is then what costs (128-position chunks slowed a V = 128 CPU step by ~10%).
-CHUNK_ELEMENTS = 128 * 50304
 
 
 class LossParts(NamedTuple):
     loss: torch.Tensor  # the differentiable objective
-    ce_masked: torch.Tensor  # cross-entropy of the masked pass (detached, normalised like the loss)
-    ce_full: torch.Tensor  # cross-entropy of the full pass (detached)
-    kl: torch.Tensor  # D = mean of KL(full||masked) and KL(masked||full) over the KL positions (detached)
+    ce_masked: torch.Tensor  # cross-entropy of the masked pass (normalised like the loss)
+    ce_full: torch.Tensor  # cross-entropy of the full pass
+    kl: torch.Tensor  # D = mean of KL(full||masked) and KL(masked||full) over the KL positions
 
+
+def remask_loss_reference(logits_masked: torch.Tensor, logits_full: torch.Tensor, labels: torch.Tensor,
+                          kl_weight: float = 0.1, kl_mask: Optional[torch.Tensor] = None) -> LossParts:
+    """The ReMask objective by definition, in plain torch: what remask_loss computes, and the tests' oracle.
+
+    CE is the mean over labelled positions (labels != -100), D the mean over the KL positions (kl_mask, default:
+    the labelled ones); an empty mean is 0. It computes in the logits' dtype (give it .float() or .double()
+    copies) and holds several such copies of (B, T, V) at once, which is what remask_loss avoids.
+    """
+    vocab = logits_masked.shape[-1]
+    targets = labels[:, 1:].reshape(-1)  # (N,), N = B * (T - 1): logits[:, t] predict labels[:, t + 1]
+    masked = logits_masked[:, :-1].reshape(-1, vocab)  # (N, V)
+    full = logits_full[:, :-1].reshape(-1, vocab)  # (N, V)
+    n_labels = (targets != IGNORE_INDEX).sum().clamp(min=1)
+    ce_masked = F.cross_entropy(masked, targets, ignore_index=IGNORE_INDEX, reduction="sum") / n_labels
+    ce_full = F.cross_entropy(full, targets, ignore_index=IGNORE_INDEX, reduction="sum") / n_labels
+    log_p, log_q = F.log_softmax(masked, dim=-1), F.log_softmax(full, dim=-1)  # (N, V) each
+    kl_masked_full = (log_p.exp() * (log_p - log_q)).sum(-1)  # (N,) KL(masked || full)
+    kl_full_masked = (log_q.exp() * (log_q - log_p)).sum(-1)  # (N,) KL(full || masked)
+    on_kl = targets != IGNORE_INDEX if kl_mask is None else kl_mask[:, 1:].reshape(-1)  # (N,)
+    kl = (0.5 * (kl_masked_full + kl_full_masked) * on_kl).sum() / on_kl.sum().clamp(min=1)
+    return LossParts(0.5 * (ce_masked + ce_full) + kl_weight * kl, ce_masked, ce_full, kl)
+
+
+# ----------------------------------------------------------------------------- objective: chunked
+# The same value and gradient without an fp32 copy of the logits. The gradient of each position has a closed form
+# (_ChunkedObjective's docstring), so forward computes value and gradient together, a chunk of positions at a
+# time in fp32, and keeps only the gradient, in the logits' dtype; backward hands it over.
+
+# Logits per fp32 chunk (positions x vocabulary): 128 positions at StableLM's V = 50304 (~6 fp32 (128, V) buffers
+# live, 154 MB); a small vocabulary takes many positions at once, where per-chunk overhead costs more than memory.
+CHUNK_ELEMENTS = 128 * 50304
 
 Count = Union[int, float, torch.Tensor]
 
 
-def _chunk_terms(logits_a, logits_b, b, b_of_b, t, y, on_kl, ca, cb, ck, need_a, need_b):
-    """One chunk of n positions (b, t) of side a, (b_of_b, t) of side b: the sums of CE_a, CE_b and D, and
-    their gradients in the logits' dtype.
-
-    The formulas are in _ChunkedObjective's docstring. A function of its own so that the chunk's fp32 buffers
-    die on return, before the next chunk allocates.
-    """
-    compute = torch.promote_types(logits_a.dtype, torch.float32)
-    has_y = y != IGNORE_INDEX  # (n,)
-    y_col = y.clamp(min=0).unsqueeze(1)  # (n, 1) gather index; unlabelled rows are zeroed through has_y
-    log_p = logits_a[b, t].to(compute)  # (n, V): advanced indexing copies, so in-place ops are safe
-    log_p -= torch.logsumexp(log_p, dim=1, keepdim=True)
-    sums = [torch.where(has_y, -log_p.gather(1, y_col).squeeze(1), 0).sum()]
-    p = log_p.exp()  # (n, V)
-    row_a = ca * has_y  # (n,) CE weight per row
-    if logits_b is None:  # cross-entropy only: dCE/da = p - onehot(y)
-        grad_a = p.mul_(row_a[:, None]).scatter_add_(1, y_col, -row_a[:, None]).to(logits_a.dtype) if need_a else None
-        return sums, grad_a, None
-    log_q = logits_b[b_of_b, t].to(compute)  # (n, V)
-    log_q -= torch.logsumexp(log_q, dim=1, keepdim=True)
-    sums.append(torch.where(has_y, -log_q.gather(1, y_col).squeeze(1), 0).sum())
-    q = log_q.exp()  # (n, V)
-    d = log_p.sub_(log_q)  # (n, V) log p - log q, in log p's buffer
-    del log_q
-    kl_pq = torch.einsum("nv,nv->n", p, d)  # (n,) row dot products, computed without an (n, V) temporary
-    kl_qp = -torch.einsum("nv,nv->n", q, d)
-    sums.append((0.5 * (kl_pq + kl_qp) * on_kl).sum())
-    row_k = ck * on_kl  # (n,) KL weight per row
-    grads = []
-    for need, own, other, sign, kl_own, row_ce in ((need_a, p, q, 1.0, kl_pq, row_a),
-                                                   (need_b, q, p, -1.0, kl_qp, cb * has_y)):
-        if not need:
-            grads.append(None)
-            continue
-        # own * (row_ce + row_k * (1 + sign * d - KL_own)) - row_k * other - row_ce * onehot(y)
-        g = torch.add((1 - kl_own)[:, None], d, alpha=sign)  # (n, V)
-        g *= row_k[:, None]
-        g += row_ce[:, None]
-        g *= own
-        g.addcmul_(other, row_k[:, None], value=-1)
-        g.scatter_add_(1, y_col, -row_ce[:, None])
-        grads.append(g.to(logits_a.dtype))
-        del g
-    return sums, *grads
-
-
 class _ChunkedObjective(torch.autograd.Function):
-    """loss = wa * sum CE(a) / n_lab + wb * sum CE(b) / n_lab + wk * sum D(a, b) / n_kl over selected positions.
+    """loss = w_masked * sum CE(masked) / n_labels + w_full * sum CE(full) / n_labels + w_kl * sum D / n_kl.
 
-    For one position (one row of V logits): a = masked-pass logits, b = full-pass logits, p = softmax(a),
-    q = softmax(b), y = the label, d = log p - log q. Then
+    For one position (a row of V logits): p = softmax(masked logits), q = softmax(full logits), y = the label,
+    d = log p - log q, KL(p||q) = sum_v p * d, KL(q||p) = -sum_v q * d, D = 0.5 * (KL(p||q) + KL(q||p)). Then
 
-        CE_a = logsumexp(a) - a_y                   dCE_a/da = p - onehot(y)
-        KL(p||q) = sum_v p (log p - log q)          d/da = p * (d - KL(p||q))      d/db = q - p
-        KL(q||p) = sum_v q (log q - log p)          d/da = p - q                   d/db = q * (-d - KL(q||p))
-        D = 0.5 * (KL(p||q) + KL(q||p))             dD/da = 0.5 * (p * (1 + d - KL(p||q)) - q)
-                                                    dD/db = 0.5 * (q * (1 - d - KL(q||p)) - p)
+        cross-entropy part   dCE(masked)/d masked = p - onehot(y)        dCE(full)/d full = q - onehot(y)
+        KL part              dD/d masked = 0.5 * (p * (1 + d - KL(p||q)) - q)
+                             dD/d full   = 0.5 * (q * (1 - d - KL(q||p)) - p)
 
-    (d/da KL(p||q) = p * (d - KL): the change of p weighs d, while sum_v p * dlog p/da = p - p = 0.) With these
-    closed forms the forward pass computes loss and gradients together, chunk by chunk in fp32, and keeps only
-    the gradients, in the logits' dtype: no fp32 (B, T, V) tensor is ever allocated; backward hands them over.
-    Side b's rows are logits_b[rows_b + offset_b, rows_t]: offset_b > 0 means both sides live in one stacked
-    tensor (logits_b is logits_a), whose single gradient buffer then holds both halves.
+    (d/d masked of KL(p||q) = p * (d - KL(p||q)): a change of p weighs d, while sum_v p * dlog p = 0; and
+    d/d masked of KL(q||p) = p - q, as for a cross-entropy against the soft label q.) A position's gradient is
+    its CE weight times the cross-entropy part plus its KL weight times the KL part (_pass_grad).
     """
 
     @staticmethod
-    def forward(ctx, logits_a, logits_b, offset_b, rows_b, rows_t, targets, kl_rows, n_lab, n_kl, wa, wb, wk,
-                chunk_tokens):
-        # logits_a/b: (B, T, V) or one (2B, T, V) twice, logits_b may be None; rows_b, rows_t, targets: (R,) long
-        ctx.stacked = offset_b > 0
-        ctx.applied_scale = None  # the grad_loss that backward has scaled the saved gradients by
-        need_a = ctx.needs_input_grad[0]
-        need_b = logits_b is not None and ctx.needs_input_grad[1]
-        grad_a = torch.zeros_like(logits_a) if need_a else None  # (B, T, V) in the logits' dtype
-        grad_b = grad_a if ctx.stacked else torch.zeros_like(logits_b) if need_b else None
-        weights = (wa / n_lab, wb / n_lab, 0.5 * wk / n_kl)  # per-position weights; D's 0.5 folded into the KL one
-        sums = torch.zeros(3, dtype=n_lab.dtype, device=logits_a.device)  # sum CE_a, sum CE_b, sum D
-        for start in range(0, rows_b.numel(), chunk_tokens):
-            rows = slice(start, start + chunk_tokens)
-            b, t = rows_b[rows], rows_t[rows]
-            chunk_sums, g_a, g_b = _chunk_terms(logits_a, logits_b, b, b + offset_b, t, targets[rows],
-                                                kl_rows[rows], *weights, need_a, need_b)
+    def forward(ctx, logits_masked, logits_full, full_offset, batch_idx, pos_idx, targets, on_kl, n_labels, n_kl,
+                w_masked, w_full, w_kl, chunk_tokens):
+        # logits_masked/full: (B, T, V), or one (2B, T, V) twice (full_offset = B: the full pass is rows B..2B);
+        # logits_full is None for a cross-entropy alone. batch_idx, pos_idx, targets, on_kl: (R,) the positions.
+        need_masked = ctx.needs_input_grad[0]
+        need_full = logits_full is not None and ctx.needs_input_grad[1]
+        ctx.stacked = full_offset > 0
+        grad_masked, grad_full = _grad_buffers(logits_masked, logits_full, ctx.stacked, need_masked, need_full)
+        # per-position weights; D's 0.5 is folded into the KL one
+        weights = (w_masked / n_labels, w_full / n_labels, 0.5 * w_kl / n_kl)
+        sums = torch.zeros(3, dtype=n_labels.dtype, device=logits_masked.device)  # sum CE(masked), CE(full), D
+        for start in range(0, batch_idx.numel(), chunk_tokens):
+            chunk = slice(start, start + chunk_tokens)
+            rows, cols = batch_idx[chunk], pos_idx[chunk]
+            chunk_sums, g_masked, g_full = _chunk(logits_masked, logits_full, rows, rows + full_offset, cols,
+                                                  targets[chunk], on_kl[chunk], *weights, need_masked, need_full)
             sums[:len(chunk_sums)] += torch.stack(chunk_sums)
-            if need_a:
-                grad_a[b, t] = g_a
-            if need_b:
-                grad_b[b + offset_b, t] = g_b
-        ctx.save_for_backward(grad_a, None if ctx.stacked else grad_b)
-        ce_a, ce_b, kl = sums[0] / n_lab, sums[1] / n_lab, sums[2] / n_kl
-        loss = wa * ce_a + wb * ce_b + wk * kl
-        ctx.mark_non_differentiable(ce_a, ce_b, kl)
-        return loss, ce_a, ce_b, kl
+            if need_masked:
+                grad_masked[rows, cols] = g_masked
+            if need_full:
+                grad_full[rows + full_offset, cols] = g_full
+        ctx.save_for_backward(grad_masked, None if ctx.stacked else grad_full)
+        ctx.applied_scale = None  # the grad_loss that backward has scaled the saved gradients by
+        ce_masked, ce_full, kl = sums[0] / n_labels, sums[1] / n_labels, sums[2] / n_kl
+        loss = w_masked * ce_masked + w_full * ce_full + w_kl * kl
+        ctx.mark_non_differentiable(ce_masked, ce_full, kl)
+        return loss, ce_masked, ce_full, kl
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, *_):
-        grads = ctx.saved_tensors
-        if ctx.applied_scale is None:
-            # Scaled in place (grad_loss is 1 unless the loss was scaled, e.g. by a GradScaler): a scaled copy would
-            # add one more logits-sized tensor at the step's memory peak, and first testing grad_loss == 1 would
-            # make the host wait for the device. .data keeps autograd's saved-tensor version check quiet, so that
-            # a retained graph can run backward again, rescaling from this scale.
-            for g in grads:
-                if g is not None:
-                    g.data.mul_(grad_loss)
-            ctx.applied_scale = grad_loss
-        else:  # a retained graph's next backward (gradcheck's): off the hot path, so a copy and a sync are fine
-            if ctx.applied_scale.item() == 0:
-                raise RuntimeError("backward again through a retained ReMask loss graph whose first backward had "
-                                   "grad_loss 0: that one scaled the saved logits gradients to zero in place")
-            grads = [None if g is None else g * (grad_loss / ctx.applied_scale) for g in grads]
-        return (*grads,) + (None,) * 11
+        return (*_scaled_saved_grads(ctx, grad_loss),) + (None,) * 11
 
 
-def _stacked_halves(a, b):
-    """(base, B) when a and b are the first and second half of one contiguous (2B, T, V) tensor, as
-    logits.chunk(2) of a 2B-batch forward gives; else None. Feeding the base itself to the autograd function lets
-    it return one gradient instead of two halves that autograd would then concatenate (2 more logits tensors)."""
-    base = a._base
-    if base is None or b._base is not base or not base.is_contiguous() or base.shape != (2 * a.shape[0], *a.shape[1:]):
-        return None
-    if not a.requires_grad == b.requires_grad == base.requires_grad:  # views made leaves: their grads are their own
-        return None
-    halves = base.chunk(2)
-    for half, view in zip(halves, (a, b)):
-        if view.stride() != half.stride() or view.storage_offset() != half.storage_offset():
-            return None
-    return base, a.shape[0]
+def _chunk(logits_masked, logits_full, rows_masked, rows_full, cols, y, on_kl, w_ce_masked, w_ce_full, w_kl,
+           need_masked, need_full):
+    """One chunk of n positions: the sums of CE(masked), CE(full) and D, and the gradients of the two passes'
+    logits there, (n, V) in the logits' dtype. A function of its own so that the chunk's fp32 buffers die on
+    return, before the next chunk allocates."""
+    compute = torch.promote_types(logits_masked.dtype, torch.float32)
+    has_y = y != IGNORE_INDEX  # (n,)
+    y_col = y.clamp(min=0).unsqueeze(1)  # (n, 1) gather index; unlabelled rows are zeroed through has_y
+    log_p = _log_softmax(logits_masked[rows_masked, cols], compute)  # (n, V)
+    sums = [torch.where(has_y, -log_p.gather(1, y_col).squeeze(1), 0).sum()]
+    p = log_p.exp()  # (n, V)
+    ce_masked = w_ce_masked * has_y  # (n,) CE weight of each row
+    if logits_full is None:  # cross-entropy alone: the cross-entropy part, in p's buffer
+        grad = p.mul_(ce_masked[:, None]).scatter_add_(1, y_col, -ce_masked[:, None]) if need_masked else None
+        return sums, None if grad is None else grad.to(logits_masked.dtype), None
+    log_q = _log_softmax(logits_full[rows_full, cols], compute)  # (n, V)
+    sums.append(torch.where(has_y, -log_q.gather(1, y_col).squeeze(1), 0).sum())
+    q = log_q.exp()  # (n, V)
+    d = log_p.sub_(log_q)  # (n, V) log p - log q, in log p's buffer
+    del log_q
+    kl_pq = torch.einsum("nv,nv->n", p, d)  # (n,) KL(p||q), a row dot product without an (n, V) temporary
+    kl_qp = -torch.einsum("nv,nv->n", q, d)  # (n,) KL(q||p)
+    sums.append((0.5 * (kl_pq + kl_qp) * on_kl).sum())
+    kl = w_kl * on_kl  # (n,) KL weight of each row
+    grad_masked = grad_full = None
+    if need_masked:  # 1 + d - KL(p||q) for p's own term
+        grad_masked = _pass_grad(p, q, (1 - kl_pq)[:, None] + d, ce_masked, kl, y_col).to(logits_masked.dtype)
+    if need_full:  # 1 - d - KL(q||p) for q's own term
+        ce_full = w_ce_full * has_y  # (n,)
+        grad_full = _pass_grad(q, p, (1 - kl_qp)[:, None] - d, ce_full, kl, y_col).to(logits_masked.dtype)
+    return sums, grad_masked, grad_full
 
 
-def _check_logits(name, logits, like=None, like_name=None):
-    if not torch.is_tensor(logits) or not logits.is_floating_point() or logits.dim() != 3:
-        what = f"{logits.dtype} {tuple(logits.shape)}" if torch.is_tensor(logits) else type(logits).__name__
-        raise ValueError(f"{name} must be a floating-point tensor [B, T, V], got {what}")
-    if like is not None and (logits.shape != like.shape or logits.device != like.device):
-        raise ValueError(f"{name} {tuple(logits.shape)} on {logits.device} does not match "
-                         f"{like_name} {tuple(like.shape)} on {like.device}")
+def _log_softmax(logits_rows, compute):
+    """log softmax of (n, V) gathered rows in fp32; the gather copied them, so the ops can be in place."""
+    log_p = logits_rows.to(compute)  # (n, V)
+    return log_p.sub_(torch.logsumexp(log_p, dim=1, keepdim=True))
 
 
-def _check_aligned(name, tensor, logits, logits_name):
-    if (not torch.is_tensor(tensor) or tensor.shape != logits.shape[:2]
-            or tensor.device not in (logits.device, torch.device("cpu"))):
-        what = f"{tuple(tensor.shape)} on {tensor.device}" if torch.is_tensor(tensor) else type(tensor).__name__
-        raise ValueError(f"{name} must be [B, T] = {tuple(logits.shape[:2])} on {logits.device} (or the CPU) "
-                         f"like {logits_name}, got {what}")
+def _pass_grad(own, other, kl_factor, ce_weight, kl_weight, y_col):
+    """The gradient of one pass's logits, (n, V) fp32, for own = its softmax, other = the other pass's:
+
+        ce_weight * (own - onehot(y))  +  kl_weight * (own * kl_factor - other)
+        cross-entropy part                KL part (kl_factor = 1 +- d - KL, see _ChunkedObjective)
+
+    summed in kl_factor's buffer: one (n, V) temporary, where writing the parts out would take three."""
+    grad = kl_factor.mul_(kl_weight[:, None]).add_(ce_weight[:, None]).mul_(own)  # own * (ce_w + kl_w * factor)
+    grad.addcmul_(other, kl_weight[:, None], value=-1)  # - kl_w * other
+    return grad.scatter_add_(1, y_col, -ce_weight[:, None])  # - ce_w * onehot(y)
 
 
-def to_device(tensor, device):
-    """tensor on device; a host tensor goes through pinned memory, so the copy is queued and the host does not
-    wait for the device (CUDA may synchronise a copy from pageable memory)."""
-    if tensor.device == device or device.type != "cuda":
-        return tensor.to(device)
-    return (tensor if tensor.is_pinned() else tensor.pin_memory()).to(device, non_blocking=True)
-
-
-def _count(name, value, measured, device, dtype):
-    """A normaliser as a 0-dim tensor: the given count (an optimizer step's total) or the batch's own."""
-    if value is None:
-        value = measured
-    elif not torch.is_tensor(value) and not (isinstance(value, (int, float)) and value >= 0):
-        raise ValueError(f"{name} must be a count >= 0 (int, float or 0-dim tensor), got {value!r}")
-    # a step without any labelled position has zero sums, so dividing them by 1 gives 0, never NaN
-    return torch.as_tensor(value, dtype=dtype, device=device).clamp(min=1)
-
-
-def _objective(logits_a, logits_b, labels, kl_mask, wa, wb, wk, num_tokens, num_kl_positions, chunk_tokens,
-               names=("logits_masked", "logits_full")):
-    """Validate, select the graded positions (after the shift) and run the chunked objective."""
-    _check_logits(names[0], logits_a)
-    if logits_b is not None:
-        _check_logits(names[1], logits_b, logits_a, names[0])
-    _check_aligned("labels", labels, logits_a, names[0])
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be an integer tensor of token ids, got {labels.dtype}")
-    vocab = logits_a.shape[-1]
-    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab))
-    if bad.any():
-        where = bad.nonzero()[0].tolist()
-        raise ValueError(f"labels{where} = {labels[tuple(where)].item()} is outside 0..{vocab - 1} "
-                         f"(the vocabulary of {names[0]}) and is not the ignore index {IGNORE_INDEX}")
-    if kl_mask is not None:
-        _check_aligned("kl_mask", kl_mask, logits_a, names[0])
-        if kl_mask.dtype != torch.bool:
-            raise ValueError(f"kl_mask must be a bool tensor, got {kl_mask.dtype}")
-        kl_mask = kl_mask.to(labels.device)
-    chunk_tokens = max(1, CHUNK_ELEMENTS // vocab) if chunk_tokens is None else chunk_tokens
-    if not (isinstance(chunk_tokens, int) and chunk_tokens > 0):
-        raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
-
-    targets = labels[:, 1:].long()  # (B, T-1): what logits[:, t] is graded on
-    has_label = targets != IGNORE_INDEX
-    if logits_b is None:
-        on_kl = torch.zeros_like(has_label)
-    else:
-        on_kl = has_label if kl_mask is None else kl_mask[:, 1:]  # (B, T-1)
-    if num_tokens is not None and num_kl_positions is None and logits_b is not None:
+def _objective(logits_masked, logits_full, labels, kl_mask, w_masked, w_full, w_kl, num_tokens, num_kl_positions,
+               chunk_tokens, names=("logits_masked", "logits_full")):
+    """Check the inputs, select the graded positions (after the shift) and run the chunked objective."""
+    chunk_tokens = _check_inputs(logits_masked, logits_full, labels, kl_mask, chunk_tokens, names)
+    if num_tokens is not None and num_kl_positions is None and logits_full is not None:
         if kl_mask is not None:
             raise ValueError("with a kl_mask the KL positions are not the label tokens: pass num_kl_positions "
                              "(the optimizer step's count of KL positions) along with num_tokens")
         num_kl_positions = num_tokens
-    # Selected where the labels are and copied to the logits' device in one queued transfer: with the labels on
-    # the host (as the trainer passes them) nonzero and the checks above cost the device no synchronisation.
-    rows_b, rows_t = (has_label | on_kl).nonzero(as_tuple=True)  # (R,), (R,): the positions that matter
-    selected = torch.stack([rows_b, rows_t, targets[rows_b, rows_t], on_kl[rows_b, rows_t].long()])  # (4, R)
-    rows_b, rows_t, targets, on_kl = to_device(selected, logits_a.device)
-    compute = torch.promote_types(logits_a.dtype, torch.float32)
+    batch_idx, pos_idx, targets, on_kl = _select_positions(labels, kl_mask, logits_full is not None,
+                                                           logits_masked.device)  # (R,) each
+    compute = torch.promote_types(logits_masked.dtype, torch.float32)
     # the batch's own counts, from the selection: it holds every labelled and every KL position
-    n_lab = _count("num_tokens", num_tokens, (targets != IGNORE_INDEX).sum(), logits_a.device, compute)
-    n_kl = _count("num_kl_positions", num_kl_positions, on_kl.sum(), logits_a.device, compute)
-    stacked = _stacked_halves(logits_a, logits_b) if logits_b is not None else None
+    n_labels = _count("num_tokens", num_tokens, (targets != IGNORE_INDEX).sum(), logits_masked.device, compute)
+    n_kl = _count("num_kl_positions", num_kl_positions, on_kl.sum(), logits_masked.device, compute)
+    full_offset = 0
+    stacked = _stacked_halves(logits_masked, logits_full) if logits_full is not None else None
     if stacked is not None:
-        logits_a = logits_b = stacked[0]  # (2B, T, V): side a is rows [0, B), side b rows [B, 2B)
+        logits_masked = logits_full = stacked  # (2B, T, V): the masked pass is rows [0, B), the full pass [B, 2B)
+        full_offset = len(stacked) // 2
     if not torch.is_grad_enabled():  # evaluation under no_grad: no gradient buffers (they follow requires_grad)
-        logits_a, logits_b = (None if x is None else x.detach() for x in (logits_a, logits_b))
+        logits_masked = logits_masked.detach()
+        logits_full = None if logits_full is None else logits_full.detach()
     return LossParts(*_ChunkedObjective.apply(
-        logits_a, logits_b, 0 if stacked is None else stacked[1], rows_b, rows_t, targets, on_kl.bool(), n_lab, n_kl,
-        float(wa), float(wb), float(wk), chunk_tokens))
+        logits_masked, logits_full, full_offset, batch_idx, pos_idx, targets, on_kl.bool(), n_labels, n_kl,
+        float(w_masked), float(w_full), float(w_kl), chunk_tokens))
 
 
 def remask_loss_parts(logits_masked: torch.Tensor, logits_full: torch.Tensor, labels: torch.Tensor,
                       kl_weight: float = 0.1, kl_mask: Optional[torch.Tensor] = None,
                       num_tokens: Optional[Count] = None, num_kl_positions: Optional[Count] = None,
                       chunk_tokens: Optional[int] = None) -> LossParts:
-    """The ReMask objective and its parts: 0.5 * (CE(masked) + CE(full)) + kl_weight * D(masked, full).
+    """remask_loss_reference's value and gradient, computed chunk by chunk: 0.5 * (CE(masked) + CE(full)) +
+    kl_weight * D(masked, full), and its parts (detached).
 
     logits_masked, logits_full: (B, T, V), any float dtype (bf16 stays bf16: fp32 math happens per chunk);
         they may be the two halves of one (2B, T, V) forward (logits.chunk(2) or [:B], [B:]): the function then
@@ -315,23 +256,17 @@ def remask_loss_parts(logits_masked: torch.Tensor, logits_full: torch.Tensor, la
     labels: (B, T) integer token ids aligned with input_ids, IGNORE_INDEX (-100) where nothing is graded; on the
         logits' device or on the CPU, which spares a GPU the synchronisation that checking them there would cost.
     kl_mask: (B, T) bool, aligned like labels (either device too), positions whose prediction enters D; default:
-        the labelled ones.
-        ReMask-CoT drops some rationale labels but keeps D on all target positions: pass those as kl_mask.
+        the labelled ones. ReMask-CoT drops some rationale labels but keeps D on all target positions: pass
+        those as kl_mask.
     num_tokens: divide the CE token sums by this instead of the batch's label count; under gradient accumulation
         pass the label count of the whole optimizer step, so the micro-batch losses add up to the step's mean
-        exactly (num_tokens=1 gives token sums).
+        (num_tokens=1 gives token sums).
     num_kl_positions: the same for D (the step's count of KL positions); it defaults to the batch's count, or to
         num_tokens when num_tokens is given and kl_mask is not (the KL positions are then the label tokens).
     chunk_tokens: positions per fp32 chunk (memory against speed); default CHUNK_ELEMENTS // V.
 
     The loss is a float32 scalar (float64 for float64 logits). No labelled position gives 0 and zero gradients.
-
-    Memory, measured on this 2-core CPU for bf16 logits [8, 256, 50304] (206 MB each), forward + backward into
-    .grad, as the peak resident size (VmHWM, reset before the call) above the inputs, with glibc's mmap threshold
-    at 64 KiB so that freed buffers leave at once: 2.77x one logits tensor with the default 128-token chunks
-    (2.40x with 64, 3.52x with 256), of which 2.02x are the two bf16 gradients; 2.77x as well for the halves of
-    one (2B, T, V) tensor; a direct fp32 version (F.cross_entropy, F.log_softmax, F.kl_div on .float() copies)
-    needs 21.9x. tests/test_loss.py keeps a small version of this measurement.
+    Extra peak memory for forward + backward: 2.8x one bf16 logits tensor, 2x of it the two gradients (README).
     """
     return _objective(logits_masked, logits_full, labels, kl_mask, 0.5, 0.5, kl_weight,
                       num_tokens, num_kl_positions, chunk_tokens)
@@ -370,16 +305,146 @@ def symmetric_kl(logits_a: torch.Tensor, logits_b: torch.Tensor, mask: Optional[
                       chunk_tokens, names=("logits_a", "logits_b")).loss
 
 
+# ----------------------------------------------------------------------------- objective: memory and transfers
+# What keeps the chunked objective at ~2.8x one logits tensor and the host ahead of the GPU; each piece says
+# what it saves. The figures behind them are in the README (Public API) and `make bench`.
+
+
+def _grad_buffers(logits_masked, logits_full, stacked, need_masked, need_full):
+    """The (B, T, V) gradient buffers, in the logits' dtype: positions that are not graded keep exact zeros.
+    Halves of one stacked tensor share one buffer: returning two halves would make autograd concatenate them
+    (two more logits tensors at the step's peak)."""
+    grad_masked = torch.zeros_like(logits_masked) if need_masked else None
+    if stacked:
+        return grad_masked, grad_masked
+    return grad_masked, torch.zeros_like(logits_full) if need_full else None
+
+
+def _scaled_saved_grads(ctx, grad_loss):
+    """The saved gradients times grad_loss (1 unless the loss was scaled, e.g. by a GradScaler)."""
+    grads = ctx.saved_tensors
+    if ctx.applied_scale is None:
+        # in place: a scaled copy is one more logits tensor at the peak, and testing grad_loss == 1 first would
+        # make the host wait for the device. .data keeps autograd's saved-tensor version check quiet, so that a
+        # retained graph can run backward again, rescaling from this scale.
+        for g in grads:
+            if g is not None:
+                g.data.mul_(grad_loss)
+        ctx.applied_scale = grad_loss
+        return grads
+    # a retained graph's next backward (gradcheck's): off the hot path, so a copy and a sync are fine
+    if ctx.applied_scale.item() == 0:
+        raise RuntimeError("backward again through a retained ReMask loss graph whose first backward had "
+                           "grad_loss 0: that one scaled the saved logits gradients to zero in place")
+    return [None if g is None else g * (grad_loss / ctx.applied_scale) for g in grads]
+
+
+def _stacked_halves(a, b):
+    """The (2B, T, V) tensor whose contiguous first and second halves a and b are, as logits.chunk(2) of a 2B
+    forward gives; else None. One tensor in, one gradient out: no concatenation of two halves' gradients."""
+    base = a._base
+    if base is None or b._base is not base or not base.is_contiguous():
+        return None
+    if base.shape != (2 * a.shape[0], *a.shape[1:]):
+        return None
+    if not a.requires_grad == b.requires_grad == base.requires_grad:  # views made leaves: their grads are their own
+        return None
+    for half, view in zip(base.chunk(2), (a, b)):
+        if view.stride() != half.stride() or view.storage_offset() != half.storage_offset():
+            return None
+    return base
+
+
+def _select_positions(labels, kl_mask, with_kl, device):
+    """(batch_idx, pos_idx, targets, on_kl), each (R,) on device: the positions that are labelled or enter D,
+    after the shift. Selected where the labels are and copied in one queued transfer: with the labels on the
+    host (as the trainer passes them) nonzero and the checks cost the device no synchronisation."""
+    targets = labels[:, 1:].long()  # (B, T-1): what logits[:, t] is graded on
+    has_label = targets != IGNORE_INDEX
+    if not with_kl:
+        on_kl = torch.zeros_like(has_label)
+    else:
+        on_kl = has_label if kl_mask is None else kl_mask[:, 1:].to(labels.device)  # (B, T-1)
+    batch_idx, pos_idx = (has_label | on_kl).nonzero(as_tuple=True)  # (R,), (R,)
+    selected = torch.stack([batch_idx, pos_idx, targets[batch_idx, pos_idx], on_kl[batch_idx, pos_idx].long()])
+    return to_device(selected, device)  # (4, R)
+
+
+def to_device(tensor, device):
+    """tensor on device; a host tensor goes through pinned memory, so the copy is queued and the host does not
+    wait for the device (CUDA may synchronise a copy from pageable memory)."""
+    if tensor.device == device or device.type != "cuda":
+        return tensor.to(device)
+    return (tensor if tensor.is_pinned() else tensor.pin_memory()).to(device, non_blocking=True)
+
+
+# ----------------------------------------------------------------------------- objective: input checks
+
+
+def _check_inputs(logits_masked, logits_full, labels, kl_mask, chunk_tokens, names):
+    """ValueError naming the argument for anything the objective cannot take; returns the chunk size."""
+    _check_logits(names[0], logits_masked)
+    if logits_full is not None:
+        _check_logits(names[1], logits_full, logits_masked, names[0])
+    _check_aligned("labels", labels, logits_masked, names[0])
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor of token ids, got {labels.dtype}")
+    vocab = logits_masked.shape[-1]
+    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab))
+    if bad.any():
+        where = bad.nonzero()[0].tolist()
+        raise ValueError(f"labels{where} = {labels[tuple(where)].item()} is outside 0..{vocab - 1} "
+                         f"(the vocabulary of {names[0]}) and is not the ignore index {IGNORE_INDEX}")
+    if kl_mask is not None:
+        _check_aligned("kl_mask", kl_mask, logits_masked, names[0])
+        if kl_mask.dtype != torch.bool:
+            raise ValueError(f"kl_mask must be a bool tensor, got {kl_mask.dtype}")
+    if chunk_tokens is None:
+        return max(1, CHUNK_ELEMENTS // vocab)
+    if not (isinstance(chunk_tokens, int) and chunk_tokens > 0):
+        raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
+    return chunk_tokens
+
+
+def _check_logits(name, logits, like=None, like_name=None):
+    if not torch.is_tensor(logits) or not logits.is_floating_point() or logits.dim() != 3:
+        what = f"{logits.dtype} {tuple(logits.shape)}" if torch.is_tensor(logits) else type(logits).__name__
+        raise ValueError(f"{name} must be a floating-point tensor [B, T, V], got {what}")
+    if like is not None and (logits.shape != like.shape or logits.device != like.device):
+        raise ValueError(f"{name} {tuple(logits.shape)} on {logits.device} does not match "
+                         f"{like_name} {tuple(like.shape)} on {like.device}")
+
+
+def _check_aligned(name, tensor, logits, logits_name):
+    if (not torch.is_tensor(tensor) or tensor.shape != logits.shape[:2]
+            or tensor.device not in (logits.device, torch.device("cpu"))):
+        what = f"{tuple(tensor.shape)} on {tensor.device}" if torch.is_tensor(tensor) else type(tensor).__name__
+        raise ValueError(f"{name} must be [B, T] = {tuple(logits.shape[:2])} on {logits.device} (or the CPU) "
+                         f"like {logits_name}, got {what}")
+
+
+def _count(name, value, measured, device, dtype):
+    """A normaliser as a 0-dim tensor: the given count (an optimizer step's total) or the batch's own."""
+    if value is None:
+        value = measured
+    elif not torch.is_tensor(value) and not (isinstance(value, (int, float)) and value >= 0):
+        raise ValueError(f"{name} must be a count >= 0 (int, float or 0-dim tensor), got {value!r}")
+    # a step without any labelled position has zero sums, so dividing them by 1 gives 0, never NaN
+    return torch.as_tensor(value, dtype=dtype, device=device).clamp(min=1)
+
+
 # ----------------------------------------------------------------------------- Lilith optimizer
+# The optimizer of the ReMask recipe, as euclaise wrote it: supertrainer2000, src/supertrainer2k/optim/lilith.py,
+# at its final commit 8da52ce. tests/fixtures/lilith holds trajectories made by that code.
 
 
 def _state_dtype(param):
-    # measured (Lilith's docstring): bf16 state drifts (v_avg 15% off in 1000 steps), so fp32 for 16-bit parameters
+    # bf16 state drifts (v_avg 15% off in 1000 steps: README, Public API), so fp32 state for 16-bit parameters
     return torch.float32 if param.dtype in (torch.bfloat16, torch.float16) else param.dtype
 
 
 class Lilith(torch.optim.Optimizer):
-    """Lilith (euclaise, supertrainer2000), the optimizer of the ReMask recipe, reproduced step for step.
+    """Lilith (euclaise, supertrainer2000 lilith.py at commit 8da52ce), the optimizer of the ReMask recipe.
 
     Per tensor p with gradient g, step t counted from 1 per tensor, norms over the whole tensor:
 
@@ -406,15 +471,10 @@ class Lilith(torch.optim.Optimizer):
     Memory: three state tensors per parameter (m1, m2, v; AdamW has two) plus a fourth (ema) when ema_k > 0:
     for StableLM-3B's 2.80e9 parameters that is 33.5 GB of fp32 state (AdamW: 22.4 GB).
 
-    State precision: the original keeps state in the gradient's dtype. Here bf16/fp16 parameters get fp32 state
-    (other parameters keep their own dtype, so fp32 parameters match the original bit for bit). Measured on this
-    CPU: 4096 weights ~ N(0, 0.02^2), 1000 steps at lr 1e-5 with gradients 1e-3 * (0.3 * fixed + noise), error
-    = ||p - p_ref|| / ||p_ref - p_0|| against the same rule in float64:
-        fp32 parameters, fp32 state   2.4e-6
-        fp32 parameters, bf16 state   2.0e-2   (v_avg off by 15%: a (1 - 0.999) lerp is below bf16's resolution)
-        bf16 parameters, either state 0.87     (v_avg off by 4.9% with fp32 state, 18% with bf16 state)
-    So fp32 state is needed, and bf16 parameters cannot take lr 1e-5 steps at all (a 1e-5 step is under half a
-    bf16 ulp of a 0.02 weight and rounds away): train with fp32 master weights, as the recipe does.
+    State precision: the original keeps state in the gradient's dtype; here bf16/fp16 parameters get fp32 state
+    and other parameters keep their own dtype, so fp32 parameters run the original's arithmetic op for op. bf16
+    state drifts, and bf16 parameters cannot take the recipe's lr-1e-5 steps at all (under half a bf16 ulp of a
+    0.02 weight): train with fp32 master weights, as the recipe does (measured: README, Public API).
     """
 
     def __init__(self, params, lr: float, eps: float = 1e-8, beta1_m: float = 0.9, beta2_m: float = 0.99,
@@ -466,7 +526,7 @@ class Lilith(torch.optim.Optimizer):
             g_norm = torch.linalg.vector_norm(p.grad, dtype=dtype)
             p.grad.mul_((p_norm / g_norm.clamp(min=group["g_norm_min"])).clamp(min=group["ratio_min"]))
         g = p.grad.to(dtype)
-        # the original's exact sequence of in-place lerps, so fp32 results agree bit for bit
+        # the original's sequence of in-place lerps, so that fp32 results round as the original's do
         m1_prev = m1.clone()
         m1.add_(m2).lerp_(g, 1 - group["beta1_m"])
         m2.lerp_(m1 - m1_prev, 1 - group["beta2_m"])
@@ -493,6 +553,8 @@ class Lilith(torch.optim.Optimizer):
 
 
 # ----------------------------------------------------------------------------- one-cycle schedule
+# The learning rate of the recipe: the one-cycle policy (Smith & Topin, arXiv 1708.07120) with cosine annealing, as
+# torch.optim.lr_scheduler.OneCycleLR computes it (torch 2.13, torch/optim/lr_scheduler.py).
 
 
 def one_cycle_lr(step: int, total_steps: int, max_lr: float, pct_start: float = 0.3, div_factor: float = 25.0,
@@ -502,7 +564,7 @@ def one_cycle_lr(step: int, total_steps: int, max_lr: float, pct_start: float = 
     Equals torch.optim.lr_scheduler.OneCycleLR(anneal_strategy="cos", cycle_momentum=False, three_phase=False)
     after `step` scheduler steps: a cosine rise from max_lr / div_factor to max_lr until step pct_start * N - 1,
     then a cosine fall to max_lr / div_factor / final_div_factor at step N - 1. A pure function, so a resumed run
-    needs no scheduler state.
+    needs no scheduler state. (Lilith has no momentum or betas for OneCycleLR's cycle_momentum to move.)
     """
     if not (isinstance(total_steps, int) and total_steps > 0):
         raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
