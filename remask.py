@@ -5,7 +5,8 @@ of the input replaced by a mask token and once on the full input, and minimises
 
     loss = 0.5 * (CE(masked) + CE(full)) + w * 0.5 * (KL(full || masked) + KL(masked || full))      (w = 0.1)
 
-so that the model predicts the same thing whether or not its context was corrupted. Read this file top to bottom:
+so that the model predicts the same thing whether or not its context was corrupted. Read this file top to
+bottom:
 
 1. the objective: remask_loss_reference, the loss by definition in a dozen lines of plain torch; then the same
    value and gradient computed chunk by chunk with an analytic gradient, so that no fp32 copy of the logits is
@@ -29,11 +30,11 @@ materialised once, in the model's dtype), foreach/fused optimizer kernels (one r
 second derivatives of the loss, gradient clipping (the recipe has none; Lilith rescales each gradient to its
 parameter's norm) and fp16 loss scaling (bf16 needs none).
 
-References: the ReMask-3B model card (huggingface.co/euclaise/ReMask-3B); R-TeaFor (regularized
-teacher-forcing, EMNLP 2022) for the two passes with forward + reverse KL; Masked Thought (Chen et al., arXiv
-2403.02178); Lilith: euclaise/supertrainer2000, src/supertrainer2k/optim/lilith.py at commit 8da52ce; the
-one-cycle policy (Smith & Topin, arXiv 1708.07120) and torch.optim.lr_scheduler.OneCycleLR (torch 2.13); chunked
-losses with gradients computed in the forward pass as in Liger-Kernel (arXiv 2410.10989); FSDP2
+References: the ReMask-3B model card (huggingface.co/euclaise/ReMask-3B); R-TeaFor (Lin & Cheng, EMNLP 2022,
+aclanthology.org/2022.emnlp-main.423) for the two passes with forward + reverse KL; Masked Thought (Chen et al.,
+arXiv 2403.02178); Lilith: euclaise/supertrainer2000, src/supertrainer2k/optim/lilith.py at commit 8da52ce;
+the one-cycle policy (Smith & Topin, arXiv 1708.07120) and torch.optim.lr_scheduler.OneCycleLR (torch 2.13);
+chunked losses with gradients computed in the forward pass as in Liger-Kernel (arXiv 2410.10989); FSDP2
 (torch.distributed.fsdp.fully_shard); GSM8K (Cobbe et al., arXiv 2110.14168) and ARC (Clark et al., arXiv
 1803.05457) as EleutherAI's lm-evaluation-harness runs them.
 """
@@ -103,12 +104,13 @@ def remask_loss_reference(logits_masked: torch.Tensor, logits_full: torch.Tensor
 
 
 # ----------------------------------------------------------------------------- objective: chunked
-# The same value and gradient without an fp32 copy of the logits. The gradient of each position has a closed form
-# (_ChunkedObjective's docstring), so forward computes value and gradient together, a chunk of positions at a
-# time in fp32, and keeps only the gradient, in the logits' dtype; backward hands it over.
+# The same value and gradient without an fp32 copy of the logits. The gradient of each position has a closed
+# form (_ChunkedObjective's docstring), so forward computes value and gradient together, a chunk of positions
+# at a time in fp32, and keeps only the gradient, in the logits' dtype; backward hands it over.
 
-# Logits per fp32 chunk (positions x vocabulary): 128 positions at StableLM's V = 50304 (~6 fp32 (128, V) buffers
-# live, 154 MB); a small vocabulary takes many positions at once, where per-chunk overhead costs more than memory.
+# Logits per fp32 chunk (positions x vocabulary): 128 positions at StableLM's V = 50304, ~6 fp32 (128, V)
+# buffers live (154 MB); a small vocabulary takes more positions at once, since per-chunk overhead then costs
+# more than memory (128-position chunks slowed a V = 128 CPU step by ~10%).
 CHUNK_ELEMENTS = 128 * 50304
 
 Count = Union[int, float, torch.Tensor]
@@ -130,8 +132,8 @@ class _ChunkedObjective(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits_masked, logits_full, full_offset, batch_idx, pos_idx, targets, on_kl, n_labels, n_kl,
-                w_masked, w_full, w_kl, chunk_tokens):
+    def forward(ctx, logits_masked, logits_full, full_offset, batch_idx, pos_idx, targets, on_kl,
+                n_labels, n_kl, w_masked, w_full, w_kl, chunk_tokens):
         # logits_masked/full: (B, T, V), or one (2B, T, V) twice (full_offset = B: the full pass is rows B..2B);
         # logits_full is None for a cross-entropy alone. batch_idx, pos_idx, targets, on_kl: (R,) the positions.
         need_masked = ctx.needs_input_grad[0]
@@ -145,7 +147,8 @@ class _ChunkedObjective(torch.autograd.Function):
             chunk = slice(start, start + chunk_tokens)
             rows, cols = batch_idx[chunk], pos_idx[chunk]
             chunk_sums, g_masked, g_full = _chunk(logits_masked, logits_full, rows, rows + full_offset, cols,
-                                                  targets[chunk], on_kl[chunk], *weights, need_masked, need_full)
+                                                  targets[chunk], on_kl[chunk], *weights,
+                                                  need_masked, need_full)
             sums[:len(chunk_sums)] += torch.stack(chunk_sums)
             if need_masked:
                 grad_masked[rows, cols] = g_masked
@@ -175,10 +178,12 @@ def _chunk(logits_masked, logits_full, rows_masked, rows_full, cols, y, on_kl, w
     log_p = _log_softmax(logits_masked[rows_masked, cols], compute)  # (n, V)
     sums = [torch.where(has_y, -log_p.gather(1, y_col).squeeze(1), 0).sum()]
     p = log_p.exp()  # (n, V)
-    ce_masked = w_ce_masked * has_y  # (n,) CE weight of each row
-    if logits_full is None:  # cross-entropy alone: the cross-entropy part, in p's buffer
-        grad = p.mul_(ce_masked[:, None]).scatter_add_(1, y_col, -ce_masked[:, None]) if need_masked else None
-        return sums, None if grad is None else grad.to(logits_masked.dtype), None
+    ce_weight_masked = w_ce_masked * has_y  # (n,) CE weight of each row
+    if logits_full is None:  # cross-entropy alone
+        if not need_masked:
+            return sums, None, None
+        grad = p.mul_(ce_weight_masked[:, None]).scatter_add_(1, y_col, -ce_weight_masked[:, None])  # (n, V)
+        return sums, grad.to(logits_masked.dtype), None  # the cross-entropy part, computed in p's buffer
     log_q = _log_softmax(logits_full[rows_full, cols], compute)  # (n, V)
     sums.append(torch.where(has_y, -log_q.gather(1, y_col).squeeze(1), 0).sum())
     q = log_q.exp()  # (n, V)
@@ -187,13 +192,16 @@ def _chunk(logits_masked, logits_full, rows_masked, rows_full, cols, y, on_kl, w
     kl_pq = torch.einsum("nv,nv->n", p, d)  # (n,) KL(p||q), a row dot product without an (n, V) temporary
     kl_qp = -torch.einsum("nv,nv->n", q, d)  # (n,) KL(q||p)
     sums.append((0.5 * (kl_pq + kl_qp) * on_kl).sum())
-    kl = w_kl * on_kl  # (n,) KL weight of each row
+    kl_weight = w_kl * on_kl  # (n,) KL weight of each row
     grad_masked = grad_full = None
-    if need_masked:  # 1 + d - KL(p||q) for p's own term
-        grad_masked = _pass_grad(p, q, (1 - kl_pq)[:, None] + d, ce_masked, kl, y_col).to(logits_masked.dtype)
-    if need_full:  # 1 - d - KL(q||p) for q's own term
-        ce_full = w_ce_full * has_y  # (n,)
-        grad_full = _pass_grad(q, p, (1 - kl_qp)[:, None] - d, ce_full, kl, y_col).to(logits_masked.dtype)
+    if need_masked:
+        kl_factor = (1 - kl_pq)[:, None] + d  # (n, V) 1 + d - KL(p||q)
+        grad_masked = _pass_grad(p, q, kl_factor, ce_weight_masked, kl_weight, y_col).to(logits_masked.dtype)
+        del kl_factor  # it holds the fp32 gradient: freed before the full pass allocates its own
+    if need_full:
+        kl_factor = (1 - kl_qp)[:, None] - d  # (n, V) 1 - d - KL(q||p)
+        ce_weight_full = w_ce_full * has_y  # (n,)
+        grad_full = _pass_grad(q, p, kl_factor, ce_weight_full, kl_weight, y_col).to(logits_masked.dtype)
     return sums, grad_masked, grad_full
 
 
@@ -215,8 +223,8 @@ def _pass_grad(own, other, kl_factor, ce_weight, kl_weight, y_col):
     return grad.scatter_add_(1, y_col, -ce_weight[:, None])  # - ce_w * onehot(y)
 
 
-def _objective(logits_masked, logits_full, labels, kl_mask, w_masked, w_full, w_kl, num_tokens, num_kl_positions,
-               chunk_tokens, names=("logits_masked", "logits_full")):
+def _objective(logits_masked, logits_full, labels, kl_mask, w_masked, w_full, w_kl, num_tokens,
+               num_kl_positions, chunk_tokens, names=("logits_masked", "logits_full")):
     """Check the inputs, select the graded positions (after the shift) and run the chunked objective."""
     chunk_tokens = _check_inputs(logits_masked, logits_full, labels, kl_mask, chunk_tokens, names)
     if num_tokens is not None and num_kl_positions is None and logits_full is not None:
@@ -233,7 +241,7 @@ def _objective(logits_masked, logits_full, labels, kl_mask, w_masked, w_full, w_
     full_offset = 0
     stacked = _stacked_halves(logits_masked, logits_full) if logits_full is not None else None
     if stacked is not None:
-        logits_masked = logits_full = stacked  # (2B, T, V): the masked pass is rows [0, B), the full pass [B, 2B)
+        logits_masked = logits_full = stacked  # (2B, T, V): the masked pass in rows [0, B), the full in [B, 2B)
         full_offset = len(stacked) // 2
     if not torch.is_grad_enabled():  # evaluation under no_grad: no gradient buffers (they follow requires_grad)
         logits_masked = logits_masked.detach()
@@ -253,8 +261,8 @@ def remask_loss_parts(logits_masked: torch.Tensor, logits_full: torch.Tensor, la
     logits_masked, logits_full: (B, T, V), any float dtype (bf16 stays bf16: fp32 math happens per chunk);
         they may be the two halves of one (2B, T, V) forward (logits.chunk(2) or [:B], [B:]): the function then
         works on the whole tensor and returns one gradient, so the 2B batch costs no extra memory.
-    labels: (B, T) integer token ids aligned with input_ids, IGNORE_INDEX (-100) where nothing is graded; on the
-        logits' device or on the CPU, which spares a GPU the synchronisation that checking them there would cost.
+    labels: (B, T) integer token ids aligned with input_ids, IGNORE_INDEX (-100) where nothing is graded; on
+        the logits' device or on the CPU, which spares a GPU the synchronisation that checking them would cost.
     kl_mask: (B, T) bool, aligned like labels (either device too), positions whose prediction enters D; default:
         the labelled ones. ReMask-CoT drops some rationale labels but keeps D on all target positions: pass
         those as kl_mask.
@@ -266,7 +274,7 @@ def remask_loss_parts(logits_masked: torch.Tensor, logits_full: torch.Tensor, la
     chunk_tokens: positions per fp32 chunk (memory against speed); default CHUNK_ELEMENTS // V.
 
     The loss is a float32 scalar (float64 for float64 logits). No labelled position gives 0 and zero gradients.
-    Extra peak memory for forward + backward: 2.8x one bf16 logits tensor, 2x of it the two gradients (README).
+    Extra peak memory for forward + backward: 2.75x one bf16 logits tensor, 2x of it the two gradients (README).
     """
     return _objective(logits_masked, logits_full, labels, kl_mask, 0.5, 0.5, kl_weight,
                       num_tokens, num_kl_positions, chunk_tokens)
@@ -306,8 +314,8 @@ def symmetric_kl(logits_a: torch.Tensor, logits_b: torch.Tensor, mask: Optional[
 
 
 # ----------------------------------------------------------------------------- objective: memory and transfers
-# What keeps the chunked objective at ~2.8x one logits tensor and the host ahead of the GPU; each piece says
-# what it saves. The figures behind them are in the README (Public API) and `make bench`.
+# What keeps the chunked objective at 2.75x one bf16 logits tensor of extra peak memory and the host ahead of
+# the GPU; each piece says what it saves. The measurements are in the README (Public API) and `make bench`.
 
 
 def _grad_buffers(logits_masked, logits_full, stacked, need_masked, need_full):
@@ -347,7 +355,7 @@ def _stacked_halves(a, b):
         return None
     if base.shape != (2 * a.shape[0], *a.shape[1:]):
         return None
-    if not a.requires_grad == b.requires_grad == base.requires_grad:  # views made leaves: their grads are their own
+    if not a.requires_grad == b.requires_grad == base.requires_grad:  # views made leaves: grads of their own
         return None
     for half, view in zip(base.chunk(2), (a, b)):
         if view.stride() != half.stride() or view.storage_offset() != half.storage_offset():
@@ -434,7 +442,7 @@ def _count(name, value, measured, device, dtype):
 
 
 # ----------------------------------------------------------------------------- Lilith optimizer
-# The optimizer of the ReMask recipe, as euclaise wrote it: supertrainer2000, src/supertrainer2k/optim/lilith.py,
+# The optimizer of the ReMask recipe, as euclaise wrote it: supertrainer2000, src/supertrainer2k/optim/lilith.py
 # at its final commit 8da52ce. tests/fixtures/lilith holds trajectories made by that code.
 
 
@@ -458,15 +466,16 @@ class Lilith(torch.optim.Optimizer):
         p  = p - lr * (u + weight_decay * p)
         if ema_k > 0:  ema = ema_beta * ema + (1 - ema_beta) * p;  every ema_k-th step p = ema   (ema starts as p)
 
-    This is the final original code (commit 8da52ce, "EMA beta was inverted": ema.lerp_(p, 1 - ema_beta); earlier
-    versions weighted p by ema_beta). The original's quirks are kept: the trust-ratio test is sum(shape) > 1, so
-    shape (1,) and scalars skip it while (1, 1) does not; the rescaled gradient is left in p.grad.
+    This is the final original code (commit 8da52ce, "EMA beta was inverted": ema.lerp_(p, 1 - ema_beta);
+    earlier versions weighted p by ema_beta). The original's quirks are kept: the trust-ratio test is
+    sum(shape) > 1, so shape (1,) and scalars skip it while (1, 1) does not; the rescaled gradient is left in
+    p.grad.
 
     How it differs from AdamW: the gradient is first rescaled to the parameter's norm (a LARS/LAMB-like trust
     ratio, so every tensor moves by about the same relative amount); the first moment is a two-level momentum
-    (m2 tracks the change of m1 and is fed back into it, an "acceleration" like Nesterov's); the second moment is
-    taken of that momentum u rather than of the raw gradient, with bias correction on v only and eps inside the
-    square root; weight decay is decoupled as in AdamW (lr * weight_decay * p).
+    (m2 tracks the change of m1 and is fed back into it, an "acceleration" like Nesterov's); the second moment
+    is taken of that momentum u rather than of the raw gradient, with bias correction on v only and eps inside
+    the square root; weight decay is decoupled as in AdamW (lr * weight_decay * p).
 
     Memory: three state tensors per parameter (m1, m2, v; AdamW has two) plus a fourth (ema) when ema_k > 0:
     for StableLM-3B's 2.80e9 parameters that is 33.5 GB of fp32 state (AdamW: 22.4 GB).
@@ -553,8 +562,8 @@ class Lilith(torch.optim.Optimizer):
 
 
 # ----------------------------------------------------------------------------- one-cycle schedule
-# The learning rate of the recipe: the one-cycle policy (Smith & Topin, arXiv 1708.07120) with cosine annealing, as
-# torch.optim.lr_scheduler.OneCycleLR computes it (torch 2.13, torch/optim/lr_scheduler.py).
+# The learning rate of the recipe: the one-cycle policy (Smith & Topin, arXiv 1708.07120) with cosine
+# annealing, as torch.optim.lr_scheduler.OneCycleLR computes it (torch 2.13, torch/optim/lr_scheduler.py).
 
 
 def one_cycle_lr(step: int, total_steps: int, max_lr: float, pct_start: float = 0.3, div_factor: float = 25.0,
@@ -563,8 +572,8 @@ def one_cycle_lr(step: int, total_steps: int, max_lr: float, pct_start: float = 
 
     Equals torch.optim.lr_scheduler.OneCycleLR(anneal_strategy="cos", cycle_momentum=False, three_phase=False)
     after `step` scheduler steps: a cosine rise from max_lr / div_factor to max_lr until step pct_start * N - 1,
-    then a cosine fall to max_lr / div_factor / final_div_factor at step N - 1. A pure function, so a resumed run
-    needs no scheduler state. (Lilith has no momentum or betas for OneCycleLR's cycle_momentum to move.)
+    then a cosine fall to max_lr / div_factor / final_div_factor at step N - 1. A pure function, so a resumed
+    run needs no scheduler state. (Lilith has no momentum or betas for OneCycleLR's cycle_momentum to move.)
     """
     if not (isinstance(total_steps, int) and total_steps > 0):
         raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
