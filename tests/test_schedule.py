@@ -66,16 +66,17 @@ def test_shape_of_the_default_schedule():
     assert math.isclose(lrs[-1], 1e-5 / 25 / 1e4)
 
 
-def test_bad_arguments_give_clear_errors():
-    with pytest.raises(ValueError, match="step must be an int in 0..10"):
-        one_cycle_lr(11, 10, 1e-3)
-    with pytest.raises(ValueError, match="step must be an int"):
-        one_cycle_lr(-1, 10, 1e-3)
-    with pytest.raises(ValueError, match="total_steps must be a positive int"):
-        one_cycle_lr(0, 0, 1e-3)
-    with pytest.raises(ValueError, match="pct_start must be in"):
-        one_cycle_lr(0, 10, 1e-3, pct_start=1.5)
-    with pytest.raises(ValueError, match="a phase of zero steps"):
-        one_cycle_lr(0, 10, 1e-3, pct_start=0.1)
-    with pytest.raises(ZeroDivisionError):  # the same case in torch
+@pytest.mark.parametrize("args, kwargs, match", [((11, 10, 1e-3), {}, "step must be an int in 0..10"),
+                                                 ((-1, 10, 1e-3), {}, "step must be an int"),
+                                                 ((0.5, 10, 1e-3), {}, "step must be an int"),
+                                                 ((0, 0, 1e-3), {}, "total_steps must be a positive int"),
+                                                 ((0, 10, 1e-3), {"pct_start": 1.5}, "pct_start must be in"),
+                                                 ((0, 10, 1e-3), {"pct_start": 0.1}, "a phase of zero steps")])
+def test_bad_arguments_give_clear_errors(args, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        one_cycle_lr(*args, **kwargs)
+
+
+def test_torch_fails_where_a_phase_has_zero_steps_too():
+    with pytest.raises(ZeroDivisionError):
         torch_lrs(10, 1e-3, 0.1, 25.0, 1e4)
