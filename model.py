@@ -8,7 +8,9 @@ parameter is named as in the Hugging Face checkpoint, so state dicts map 1:1.
 
 Sections: Config (config.json in any of the three spellings met in the wild) / the model / checkpoint I/O
 (safetensors, sharded or not, fp32/fp16/bf16 and bitsandbytes LLM.int8, in the layout transformers, vLLM and
-lm-evaluation-harness load) / generation (batched, left or right padded, preallocated KV cache, streaming).
+lm-evaluation-harness load; written whole or not at all, over nothing but a model directory, by write_directory;
+loaded only when every float is finite) / generation (batched, left or right padded, preallocated KV cache,
+streaming).
 
 Deliberately left out: dropout (StableLM trains without it), rope scaling variants, pytorch_model.bin files,
 4-bit formats, beam search and top-p.
