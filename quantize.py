@@ -271,7 +271,8 @@ def main(argv=None):
     try:
         convert(args)
     except (ValueError, OSError) as e:  # OSError includes FileNotFoundError and FileExistsError
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print(f"interrupted: {args.out_dir} holds what it held before, or the whole new copy", file=sys.stderr)
         sys.exit(130)
