@@ -507,7 +507,7 @@ LEFTOVER = r"\.{name}\.(tmp|new|old)-\w+"
 def recover_directory(path):
     """Repair what a killed write_directory left beside `path`: if `path` is missing, put back the newest complete
     `.NAME.new-*` (else an `.NAME.old-*`); then remove the other leftovers. Does nothing while a writer is alive."""
-    path = Path(os.path.abspath(path))
+    path = Path(os.path.realpath(path))  # beside the directory a link points at, where write_directory writes
     if not path.name or not path.parent.is_dir():
         return
     pattern = re.compile(LEFTOVER.format(name=re.escape(path.name)))
@@ -519,8 +519,8 @@ def recover_directory(path):
         if None in locks:
             return  # a live writer holds one of them: its own cleanup follows
         if not path.exists():
-            complete = [p for kind in ("new", "old") for p in leftovers if leftovers[p] == kind]
-            if complete:  # newest first within each kind: new beats old
+            complete = [p for p in leftovers if leftovers[p] != "tmp"]
+            if complete:  # a new one beats an old one, then the newest
                 survivor = max(complete, key=lambda p: (leftovers[p] == "new", p.stat().st_mtime))
                 os.rename(survivor, path)
                 _fsync(path.parent)
@@ -595,12 +595,12 @@ def _exchange(a, b) -> bool:
 
 
 def _check_finite(t, name, file):
-    """t, unless it is floating with a NaN or an infinity. min and max propagate NaN and are infinite when any value
-    is: one reduction, 10-20x faster than isfinite(t).all() on the CPU (a bool per element, then a second pass)."""
+    """t, unless it is floating with a NaN or an infinity. Through min and max, which propagate NaN and are infinite
+    when any value is: one reduction, far cheaper on the CPU than isfinite(t).all() (a bool per element)."""
     if t.is_floating_point() and t.numel() and not torch.isfinite(torch.stack(torch.aminmax(t))).all():
         bad = (~torch.isfinite(t)).sum().item()
         raise ValueError(f"{file}: tensor {name} ({t.dtype}) has {bad} of {t.numel()} values that are NaN or "
-                         f"infinite; the checkpoint is corrupt (or overflowed in training)")
+                         f"infinite: corrupt, or overflowed (in training, or in a cast to a narrower dtype)")
     return t
 
 
