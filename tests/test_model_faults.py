@@ -308,3 +308,9 @@ def test_quantize_refuses_an_8bit_input_and_ctrl_c_exits_130(workspace, capsys, 
     assert code == 130 and "Traceback" not in output
     assert [line for line in output.splitlines() if "interrupted" in line] == [output.splitlines()[-1]]
     assert tree(workspace) == before
+
+
+def test_quantize_help_says_what_happens_to_an_existing_out(capsys):
+    code, output = run_main(["--help"], capsys)
+    assert code == 0 and "--dequantize" in output
+    assert "An existing OUT is replaced" in output and "anything else" in output and "refused" in output
