@@ -8,7 +8,9 @@ parameter is named as in the Hugging Face checkpoint, so state dicts map 1:1.
 
 Sections: Config (config.json in any of the three spellings met in the wild) / the model / checkpoint I/O
 (safetensors, sharded or not, fp32/fp16/bf16 and bitsandbytes LLM.int8, in the layout transformers, vLLM and
-lm-evaluation-harness load) / generation (batched, left or right padded, preallocated KV cache, streaming).
+lm-evaluation-harness load; written whole or not at all, over nothing but a model directory, by write_directory;
+loaded only when every float is finite) / generation (batched, left or right padded, preallocated KV cache,
+streaming).
 
 Deliberately left out: dropout (StableLM trains without it), rope scaling variants, pytorch_model.bin files,
 4-bit formats, beam search and top-p.
@@ -16,13 +18,15 @@ Deliberately left out: dropout (StableLM trains without it), rope scaling varian
 References: transformers/models/stablelm/modeling_stablelm.py (the math, the names), nanoGPT (the structure),
 gpt-fast (a static KV cache for compiled decoding), the safetensors format, PaLM appendix B (FLOP accounting).
 """
+import ctypes
+import errno
+import fcntl
 import functools
 import json
 import os
 import re
 import shutil
 import tempfile
-import uuid
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -331,8 +335,10 @@ class StableLM(nn.Module):
     def from_pretrained(cls, path, dtype=None, device=None):
         """Load a Hugging Face StableLM directory. dtype casts floating weights (None keeps the stored dtype); int8
         weights and their fp32 scales stay as stored. Built on the meta device and filled file by file, so the
-        weights are in memory once."""
+        weights are in memory once. Every floating tensor must be finite (checked as it is read). What a killed
+        save_pretrained left beside `path` is repaired or removed first (recover_directory)."""
         path = Path(path)
+        recover_directory(path)
         config = Config.from_json(path / "config.json")
         files, index = _weight_files(path)
         with torch.device("meta"):
@@ -352,18 +358,27 @@ class StableLM(nn.Module):
                         continue  # weight_format or a tied lm_head.weight, both checked already
                     t = st.get_tensor(name)
                     cast = dtype is not None and t.is_floating_point() and not name.endswith(".SCB")
-                    shard[name] = t.to(dtype) if cast else t
+                    shard[name] = _check_finite(t.to(dtype) if cast else t, name, file)
                 model.load_state_dict(shard, strict=False, assign=True)  # the loaded tensors become the parameters
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         return model.eval()
 
-    def save_pretrained(self, path, max_shard_size=5 * 10**9):
+    def save_pretrained(self, path, max_shard_size=5 * 10**9, extra=None):
         """Write a directory transformers/vLLM/lm-eval load as is; shards above max_shard_size (bytes or '5GB').
-        Written to a temporary sibling directory and renamed at the end, so `path` is never half-written."""
-        path, limit = Path(path), _parse_size(max_shard_size)
-        if path.exists() and not path.is_dir():
-            raise FileExistsError(f"{path}: exists and is not a directory")
+        extra(directory), if given, adds files (a tokenizer) before the directory appears. Through write_directory:
+        `path` is never half-written, and only an empty or model directory (is_model_directory) is replaced."""
+        limit = _parse_size(max_shard_size)
+
+        def fill(directory):
+            self._write_files(directory, limit)
+            if extra is not None:
+                extra(directory)
+
+        return write_directory(path, fill)
+
+    def _write_files(self, directory, limit):
+        """The safetensors shards (with their index when sharded), config.json and generation_config.json."""
         tensors = self.state_dict()
         if self.config.tie_word_embeddings:
             del tensors["lm_head.weight"]  # what transformers writes for tied embeddings
@@ -383,34 +398,17 @@ class StableLM(nn.Module):
             size += nbytes
         n = len(shards)
         names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-        try:
-            for file, shard in zip(names, shards):  # one shard at a time on the CPU
-                part = {k: tensors[k].detach().cpu().contiguous() for k in shard}
-                save_file(part, tmp / file, metadata={"format": "pt"})
-            if n > 1:
-                index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-                         "weight_map": {k: file for file, shard in zip(names, shards) for k in shard}}
-                (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-            (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-            generation = {"_from_model_config": True, "bos_token_id": config.bos_token_id,
-                          "eos_token_id": config.eos_token_id}
-            (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
-            umask = os.umask(0)
-            os.umask(umask)
-            for p in [tmp, *tmp.iterdir()]:  # mkdtemp makes the directory private; give it the usual modes
-                os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
-            if path.exists():  # swap: the old directory stays whole until the new one is in place
-                old = path.parent / f".{path.name}.old-{uuid.uuid4().hex}"
-                os.rename(path, old)
-                os.rename(tmp, path)
-                shutil.rmtree(old)
-            else:
-                os.rename(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        for file, shard in zip(names, shards):  # one shard at a time on the CPU
+            part = {k: tensors[k].detach().cpu().contiguous() for k in shard}
+            save_file(part, directory / file, metadata={"format": "pt"})
+        if n > 1:
+            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                     "weight_map": {k: file for file, shard in zip(names, shards) for k in shard}}
+            (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        (directory / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        generation = {"_from_model_config": True, "bos_token_id": config.bos_token_id,
+                      "eos_token_id": config.eos_token_id}
+        (directory / "generation_config.json").write_text(json.dumps(generation, indent=2))
 
     def _int8_config(self):
         """quantization_config as transformers' BitsAndBytesConfig(load_in_8bit=True) writes it."""
@@ -420,9 +418,190 @@ class StableLM(nn.Module):
         skip = [name for name, m in self.named_modules() if isinstance(m, nn.Linear)]  # linears left in float
         return {"quant_method": "bitsandbytes", "load_in_8bit": True, "load_in_4bit": False,
                 "_load_in_8bit": True, "_load_in_4bit": False, "llm_int8_threshold": thresholds.pop(),
-                "llm_int8_has_fp16_weight": False, "llm_int8_skip_modules": skip or None,
+                "llm_int8_has_fp16_weight": False, "llm_int8_skip_modules": skip,
                 "llm_int8_enable_fp32_cpu_offload": False, "bnb_4bit_compute_dtype": "float32",
                 "bnb_4bit_quant_storage": "uint8", "bnb_4bit_quant_type": "fp4", "bnb_4bit_use_double_quant": False}
+
+
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json",
+               "tokenizer_config.json", "special_tokens_map.json")
+
+
+class DirectoryNotReplaceable(FileExistsError):
+    """A destination holds something its writer did not write (a FileExistsError: command lines report it)."""
+
+
+def is_model_directory(path) -> bool:
+    """True for an empty directory or one holding only what save_pretrained or quantize.py write (no subdirectories):
+    the only directories a model writer may replace."""
+    return all(not p.is_dir() and (p.name in MODEL_FILES or p.name.endswith(".safetensors"))
+               for p in Path(path).iterdir())
+
+
+def check_replaceable(path, replaceable=is_model_directory):
+    """Raise unless writing `path` would replace nothing the writer does not own: a file, or a directory for
+    which replaceable(path) is False (named with what it holds)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise FileExistsError(f"{path}: exists and is not a directory")
+    if not replaceable(path):
+        entries = sorted(p.name + "/" * p.is_dir() for p in path.iterdir())
+        listing = ", ".join(entries[:6]) + (f", ... ({len(entries)} entries)" if len(entries) > 6 else "")
+        raise DirectoryNotReplaceable(f"{path}: exists and holds {listing}: not only what this writes, so it is "
+                                      f"left alone (choose another path, or remove it yourself)")
+
+
+def write_directory(path, fill, replaceable=is_model_directory) -> Path:
+    """Write a whole directory at `path` so that at every instant `path` holds the old or the new one, whole.
+
+    fill(tmp) writes the contents into a hidden sibling `.NAME.tmp-*` (modes then follow the umask, everything is
+    fsynced). Renamed to `.NAME.new-*` it is marked complete, then it takes path's place: in one atomic exchange
+    on Linux (renameat2 RENAME_EXCHANGE), elsewhere by two renames, between which a kill leaves no `path` but a
+    complete `.NAME.new-*` that recover_directory puts back. An existing `path` must pass check_replaceable
+    before fill runs. The writer holds an flock on its temporary directory, so recovery leaves a live write alone.
+    """
+    path = Path(path)
+    if path.is_symlink():  # replace the directory the link points at, keep the link
+        path = path.resolve()
+    recover_directory(path)
+    check_replaceable(path, replaceable)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    new = path.parent / f".{path.name}.new-{tmp.name.rpartition('.tmp-')[2]}"
+    lock = _lock(tmp, blocking=True)
+    try:
+        fill(tmp)
+        _settle(tmp)
+        os.rename(tmp, new)
+        _fsync(path.parent)
+        check_replaceable(path, replaceable)  # again: fill may have taken hours
+        if not path.exists():
+            os.rename(new, path)
+        elif _exchange(new, path):
+            _fsync(path.parent)
+            shutil.rmtree(new, ignore_errors=True)  # the old directory now; a kill leaves it to recovery
+        else:
+            old = path.parent / f".{path.name}.old-{new.name.rpartition('.new-')[2]}"
+            os.rename(path, old)
+            os.rename(new, path)
+            _fsync(path.parent)
+            shutil.rmtree(old, ignore_errors=True)
+        _fsync(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # incomplete; whatever else is left, recovery sorts out
+        os.close(lock)
+        lock = None
+        recover_directory(path)
+        raise
+    finally:
+        if lock is not None:
+            os.close(lock)
+    return path
+
+
+LEFTOVER = r"\.{name}\.(tmp|new|old)-\w+"
+
+
+def recover_directory(path):
+    """Repair what a killed write_directory left beside `path`: if `path` is missing, put back the newest complete
+    `.NAME.new-*` (else an `.NAME.old-*`); then remove the other leftovers. Does nothing while a writer is alive."""
+    path = Path(os.path.realpath(path))  # beside the directory a link points at, where write_directory writes
+    if not path.name or not path.parent.is_dir():
+        return
+    pattern = re.compile(LEFTOVER.format(name=re.escape(path.name)))
+    leftovers = {p: m[1] for p in path.parent.iterdir() if (m := pattern.fullmatch(p.name))}
+    if not leftovers:
+        return
+    locks = [_lock(p, blocking=False) for p in leftovers]
+    try:
+        if None in locks:
+            return  # a live writer holds one of them: its own cleanup follows
+        if not path.exists():
+            complete = [p for p in leftovers if leftovers[p] != "tmp"]
+            if complete:  # a new one beats an old one, then the newest
+                survivor = max(complete, key=lambda p: (leftovers[p] == "new", p.stat().st_mtime))
+                os.rename(survivor, path)
+                _fsync(path.parent)
+                del leftovers[survivor]
+        for p in leftovers:
+            shutil.rmtree(p, ignore_errors=True)
+    finally:
+        for fd in locks:
+            if fd is not None:
+                os.close(fd)
+
+
+def _lock(path, blocking):
+    """An open descriptor of `path` holding an exclusive flock (released when closed or the process dies);
+    None when another process holds it and blocking is False."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except OSError:
+        pass  # a filesystem without locks (some NFS setups): recovery cannot see a live writer there
+    return fd
+
+
+def _settle(directory):
+    """Give everything in directory the umask's modes (mkdtemp and mkstemp make them private) and fsync it all."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, dirs, files in os.walk(directory, topdown=False):
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
+            _fsync(os.path.join(root, name))
+        os.chmod(root, 0o777 & ~umask)
+        _fsync(root)
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@functools.cache
+def _renameat2():
+    """glibc's renameat2 (2.28+), or None where the C library has none (macOS, musl, old glibc)."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError, TypeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return function
+
+
+AT_FDCWD, RENAME_EXCHANGE = -100, 2  # from linux/fcntl.h and linux/fs.h
+
+
+def _exchange(a, b) -> bool:
+    """Swap two paths in one atomic step; False where the system or the filesystem cannot."""
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        return False
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # no such call, or a filesystem without exchange
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _check_finite(t, name, file):
+    """t, unless it is floating with a NaN or an infinity. Through min and max, which propagate NaN and are infinite
+    when any value is: one reduction, far cheaper on the CPU than isfinite(t).all() (a bool per element)."""
+    if t.is_floating_point() and t.numel() and not torch.isfinite(torch.stack(torch.aminmax(t))).all():
+        bad = (~torch.isfinite(t)).sum().item()
+        raise ValueError(f"{file}: tensor {name} ({t.dtype}) has {bad} of {t.numel()} values that are NaN or "
+                         f"infinite: corrupt, or overflowed (in training, or in a cast to a narrower dtype)")
+    return t
 
 
 def _parse_size(size):
@@ -465,7 +644,9 @@ def _swap_in_int8(model, qconfig, source):
             or qconfig.get("llm_int8_has_fp16_weight"):
         raise ValueError(f"{source}: quantization_config is not bitsandbytes LLM.int8 with int8 weights "
                          f"(load_in_8bit true, llm_int8_has_fp16_weight false): {qconfig}")
-    skip = qconfig.get("llm_int8_skip_modules") or ["lm_head"]  # transformers' default keeps the output layer float
+    skip = qconfig.get("llm_int8_skip_modules")
+    if skip is None:
+        skip = ["lm_head"]  # transformers' default keeps the output layer float; [] quantizes every linear
     names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)
              and not any(name == s or f"{s}." in f"{name}." for s in skip)]  # transformers' name matching
     for name in names:

@@ -27,7 +27,9 @@ References: arXiv 2208.07339 (LLM.int8); bitsandbytes 0.45+ int8_vectorwise_quan
 int8_mixed_scaled_mm (default backend); transformers' bitsandbytes integration (checkpoint layout).
 """
 import argparse
+import math
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -202,19 +204,86 @@ def _dir_bytes(directory):
     return sum(f.stat().st_size for f in Path(directory).glob("*.safetensors"))
 
 
+def _copy_tokenizer(src):
+    """save_pretrained's extra: IN's tokenizer files, copied into the new directory before it takes OUT's place (the
+    copy is a whole model: generate and eval need its tokenizer, and OUT is never without it)."""
+    def copy(directory):
+        for name in TOKENIZER_FILES:
+            if (Path(src) / name).is_file():
+                shutil.copy2(Path(src) / name, directory / name)
+    return copy
+
+
+def _check_args(args):
+    """Every flag and both paths, before any weight is read."""
+    from model import Config, StableLM, check_replaceable
+    if args.prompts < 1:
+        raise ValueError(f"--prompts {args.prompts}: need at least 1 prompt for the logit comparison")
+    if args.prompt_len < 1:
+        raise ValueError(f"--prompt-len {args.prompt_len}: need at least 1 token per prompt")
+    if not math.isfinite(args.threshold) or args.threshold < 0:
+        raise ValueError(f"--threshold {args.threshold}: need a finite number >= 0 (0 = no decomposition)")
+    src, out = Path(args.in_dir), Path(args.out_dir)
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src}: no such directory (IN is a Hugging Face model directory)")
+    if src.resolve().is_relative_to(out.resolve()):
+        what = "is IN" if src.resolve() == out.resolve() else f"holds IN ({src})"
+        raise ValueError(f"{out}: OUT {what}; writing it would replace the input (choose another OUT)")
+    check_replaceable(out)
+    config = Config.from_json(src / "config.json")
+    is_8bit = config.quantization_config is not None
+    if is_8bit and not args.dequantize:
+        raise ValueError(f"{src}: already an 8-bit checkpoint (`python quantize.py --dequantize IN OUT` writes a "
+                         f"float copy)")
+    if args.dequantize and not is_8bit:
+        raise ValueError(f"{src}: --dequantize needs an 8-bit checkpoint; config.json has no quantization_config")
+    with torch.device("meta"):
+        linears = [name for name, m in StableLM(config).named_modules() if isinstance(m, nn.Linear)]
+    kinds = sorted({name.rpartition(".")[2] for name in linears})
+    unknown = [s for s in args.skip if s not in linears and s not in kinds]
+    if unknown:
+        raise ValueError(f"--skip {' '.join(unknown)}: no such linear layer in {src}; layers are named by kind "
+                         f"({', '.join(kinds)}) or in full ({linears[0]} ... {linears[-1]})")
+    if config.tie_word_embeddings and not args.dequantize and "lm_head" not in args.skip:
+        raise ValueError(f"{src}: lm_head shares the embedding matrix (tie_word_embeddings); keep it in float "
+                         f"(--skip lm_head)")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Write an LLM.int8 (bitsandbytes 8-bit layout) copy of a checkpoint.")
-    parser.add_argument("in_dir", help="Hugging Face style StableLM checkpoint directory")
-    parser.add_argument("out_dir", help="where to write the 8-bit checkpoint")
+    parser = argparse.ArgumentParser(
+        description="Write an LLM.int8 (bitsandbytes 8-bit layout) copy of a checkpoint, or with --dequantize a "
+                    "float copy of an 8-bit one, and compare the two models' logits on random prompts.",
+        epilog="An existing OUT is replaced (whole, never half-written) only when it is empty or holds nothing but "
+               "a model directory's files (config.json, *.safetensors, model.safetensors.index.json, "
+               "generation_config.json, tokenizer files); anything else, and OUT equal to IN or holding it, "
+               "is refused before any work.")
+    parser.add_argument("in_dir", metavar="IN", help="Hugging Face style StableLM checkpoint directory")
+    parser.add_argument("out_dir", metavar="OUT", help="where to write the copy (see below for an existing OUT)")
+    parser.add_argument("--dequantize", action="store_true",
+                        help="IN is 8-bit: write a float copy (in the dtype of its other float tensors), e.g. to "
+                             "fine-tune it")
     parser.add_argument("--threshold", type=float, default=6.0, help="outlier threshold (0 = no decomposition)")
-    parser.add_argument("--skip", nargs="*", default=["lm_head"], help="linear layers to keep in float")
+    parser.add_argument("--skip", nargs="*", default=["lm_head"],
+                        help="linear layers to keep in float, by kind (lm_head, up_proj, ...) or full name")
     parser.add_argument("--prompts", type=int, default=4, help="random prompts for the logit comparison")
     parser.add_argument("--prompt-len", type=int, default=32, help="tokens per prompt")
     args = parser.parse_args(argv)
+    try:
+        convert(args)
+    except (ValueError, OSError) as e:  # OSError includes FileNotFoundError and FileExistsError
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print(f"interrupted: {args.out_dir} holds what it held before, or the whole new copy", file=sys.stderr)
+        sys.exit(130)
+
+
+def convert(args):
     # The command line is the one part that runs a model; importing model.py here keeps the library above
     # free of it (model.py itself imports this file for Int8Linear).
     from model import StableLM
 
+    _check_args(args)
     t0 = time.time()
     model = StableLM.from_pretrained(args.in_dir).eval()
     before = _tensor_bytes(model)
@@ -223,24 +292,25 @@ def main(argv=None):
     ids = torch.randint(0, vocab, (args.prompts, args.prompt_len), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = model(ids).float()  # (P, T, V)
-        quantize_model(model, args.threshold, tuple(args.skip))
+        if args.dequantize:
+            dequantize_model(model, model.model.embed_tokens.weight.dtype)
+        else:
+            quantize_model(model, args.threshold, tuple(args.skip))
         got = model(ids).float()  # (P, T, V)
     after = _tensor_bytes(model)
-    model.save_pretrained(args.out_dir)
-    for name in TOKENIZER_FILES:  # an 8-bit directory is a whole model: generate and eval need its tokenizer
-        if (Path(args.in_dir) / name).is_file():
-            shutil.copy2(Path(args.in_dir) / name, Path(args.out_dir) / name)
+    model.save_pretrained(args.out_dir, extra=_copy_tokenizer(args.in_dir))
     with torch.no_grad():
         reloaded = StableLM.from_pretrained(args.out_dir).eval()(ids).float()
     if not torch.equal(reloaded, got):
-        raise RuntimeError(f"{args.out_dir}: reloading the saved 8-bit model does not reproduce its logits")
+        raise RuntimeError(f"{args.out_dir}: reloading the saved model does not reproduce its logits")
     rel = ((got - ref).abs().amax(dim=(1, 2)) / ref.abs().amax(dim=(1, 2))).max().item()
     agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
     print(f"weights in memory: {before / 1e6:.2f} MB -> {after / 1e6:.2f} MB ({after / before:.2f}x)")
     print(f"safetensors on disk: {_dir_bytes(args.in_dir) / 1e6:.2f} MB -> {_dir_bytes(args.out_dir) / 1e6:.2f} MB")
     print(f"worst relative logit change over {args.prompts} random prompts of {args.prompt_len} tokens: {rel:.2e} "
           f"(max |dlogit| / max |logit| per prompt); top-1 agreement {agree:.1%}")
-    print(f"wrote {args.out_dir} in {time.time() - t0:.1f}s (threshold {args.threshold}, skip {args.skip})")
+    what = "a float copy" if args.dequantize else f"an 8-bit copy (threshold {args.threshold}, skip {args.skip})"
+    print(f"wrote {args.out_dir} in {time.time() - t0:.1f}s: {what}")
 
 
 if __name__ == "__main__":

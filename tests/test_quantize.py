@@ -424,3 +424,37 @@ def test_model_command_line_end_to_end(tmp_path):
         if k.endswith((".SCB", ".weight_format")) or theirs[k].dtype == torch.int8:
             assert torch.equal(mine[k], theirs[k]), k
     assert (out / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+
+
+def test_dequantize_command_round_trip(tmp_path):
+    """quantize.py IN Q, then quantize.py --dequantize Q F: F is the float model Q stands for (each weight CB * SCB /
+    127 in Q's float dtype, tokenizer kept), and its logits are close to the 8-bit model's."""
+    import quantize
+    from model import StableLM
+    src = tmp_path / "src"
+    shutil.copytree(TINY, src)
+    shutil.copy(FIXTURES / "gpt-neox-20b-tokenizer" / "tokenizer.json", src)
+    quantize.main([str(src), str(tmp_path / "q"), "--prompts", "1", "--prompt-len", "8"])
+    quantize.main(["--dequantize", str(tmp_path / "q"), str(tmp_path / "f"), "--prompts", "1", "--prompt-len", "8"])
+    q, f = StableLM.from_pretrained(tmp_path / "q").eval(), StableLM.from_pretrained(tmp_path / "f").eval()
+    assert f.config.quantization_config is None and not any(isinstance(m, Int8Linear) for m in f.modules())
+    for name, m in q.named_modules():
+        if isinstance(m, Int8Linear):
+            w = f.get_submodule(name).weight
+            assert w.dtype == torch.float32 and torch.equal(w, dequantize_rowwise(m.weight, m.SCB))
+    assert (tmp_path / "f" / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+    ids = load_file(TINY_INT8 / "expected.safetensors")["input_ids"]
+    with torch.no_grad():
+        lq, lf = q(ids), f(ids)
+    assert (lq.argmax(-1) == lf.argmax(-1)).float().mean() > 0.9
+    assert ((lq - lf).abs().max() / lq.abs().max()) < 2e-2
+
+
+def test_every_linear_quantized_saves_a_loadable_checkpoint(tmp_path):
+    """--skip with no names quantizes lm_head too: the config's skip list is [] (not null, which means lm_head)."""
+    import quantize
+    from model import StableLM
+    quantize.main([str(TINY), str(tmp_path / "q"), "--skip", "--prompts", "1", "--prompt-len", "8"])
+    qconfig = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert qconfig["llm_int8_skip_modules"] == []
+    assert isinstance(StableLM.from_pretrained(tmp_path / "q").lm_head, Int8Linear)
