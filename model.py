@@ -23,6 +23,7 @@ import errno
 import fcntl
 import functools
 import json
+import math
 import os
 import re
 import shutil
@@ -83,6 +84,8 @@ class Config:
     @classmethod
     def from_dict(cls, d, source="config"):
         """Any of: hub files (top-level rope keys), transformers 5 (nested rope_parameters), stablelm_epoch."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: a config must be a JSON object, got {type(d).__name__}")
         d = dict(d)
         model_type = d.get("model_type")
         if model_type not in ("stablelm", "stablelm_epoch"):
@@ -98,8 +101,17 @@ class Config:
             raise ValueError(f"{source}: hidden_act {d['hidden_act']!r} is not supported (StableLM uses 'silu')")
         d.setdefault("num_key_value_heads", d.get("num_attention_heads", cls.num_attention_heads))
         d["torch_dtype"] = d.get("torch_dtype") or d.get("dtype") or "float32"  # transformers 5 writes "dtype"
+        given = {f.name: d[f.name] for f in fields(cls) if f.name in d}
+        checks = {int: ("a positive int", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
+                  float: ("a finite number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+                          and math.isfinite(v)),
+                  bool: ("true or false", lambda v: isinstance(v, bool))}
+        for name, value in given.items():  # JSON holds any type: a string where a size belongs fails here, by name
+            what, ok = checks.get(cls.__dataclass_fields__[name].type, ("", lambda v: True))
+            if not ok(value):
+                raise ValueError(f"{source}: {name} must be {what}, got {value!r}")
         try:
-            return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+            return cls(**given)
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
 

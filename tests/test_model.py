@@ -388,9 +388,15 @@ def test_config_errors_name_the_problem(tmp_path):
     for change, message in [({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
                             ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope scaling"),
                             ({"partial_rotary_factor": 0.0125}, "gives 1 rotary dims"),  # int(80 * 0.0125) = 1 is odd
-                            ({"model_type": None}, "model_type None")]:
+                            ({"model_type": None}, "model_type None"),
+                            ({"hidden_size": "2560"}, "hidden_size must be a positive int, got '2560'"),
+                            ({"num_hidden_layers": 0}, "num_hidden_layers must be a positive int"),
+                            ({"rope_theta": float("nan")}, "rope_theta must be a finite number"),
+                            ({"use_qkv_bias": 1}, "use_qkv_bias must be true or false")]:
         with pytest.raises(ValueError, match=message):
             Config.from_dict({**hub, **change})
+    with pytest.raises(ValueError, match="a config must be a JSON object, got list"):
+        Config.from_dict([hub])
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match=f"{tmp_path}.*not valid JSON"):
         Config.from_json(tmp_path / "config.json")
