@@ -66,6 +66,7 @@ import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 
 # ----------------------------------------------------------------------------- conventions
+# What every part below, and remask.py, relies on.
 
 TAGS = ("<|user|>", "<|assistant|>", "<|rationale|>", "<|answer|>", "<|mask|>")  # the card's tags, plus the mask
 EOS = "<|endoftext|>"
@@ -84,6 +85,7 @@ class DataError(ValueError):
 
 
 # ----------------------------------------------------------------------------- formats and encoding
+# A record becomes one string in the card's format, tokenized once; every token gets a role and a target flag.
 
 @dataclass
 class ChatRecord:
@@ -108,15 +110,16 @@ class Encoded:
 def _segments(record) -> list:
     """(text, role, target) pieces whose concatenation is the formatted example."""
     u, a, r, ans = TAGS[:4]
-    if isinstance(record, CoTRecord):
+    if isinstance(record, CoTRecord):  # ends with '\n<|user|>' like a chat turn: the end of a reply is learned
+
         return [(u, TAG, False), ("\n", TAG, False), (record.prompt, PROMPT, False), ("\n", TAG, False),
                 (r, TAG, False), ("\n", TAG, False), (record.rationale, RATIONALE, True), ("\n", TAG, True),
                 (ans, TAG, True), ("\n", TAG, True), (record.answer, ANSWER, True), ("\n", TAG, True),
                 (u, TAG, True)]
     segs = [(u, TAG, False)]
     for user, assistant in record.turns:
-        segs += [("\n", TAG, False), (user, PROMPT, False), ("\n", TAG, False), (a, TAG, False), ("\n", TAG, False),
-                 (assistant, RESPONSE, True), ("\n", TAG, True), (u, TAG, True)]
+        segs += [("\n", TAG, False), (user, PROMPT, False), ("\n", TAG, False), (a, TAG, False),
+                 ("\n", TAG, False), (assistant, RESPONSE, True), ("\n", TAG, True), (u, TAG, True)]
     return segs
 
 
@@ -199,6 +202,7 @@ def describe_fit(kept: int, dropped: int, seq_len: int, truncate: bool) -> str:
 
 
 # ----------------------------------------------------------------------------- masking
+# What ReMask is about: which inputs the masked pass sees replaced, and which labels are dropped.
 
 @dataclass
 class MaskConfig:
@@ -247,6 +251,7 @@ def mask_example(ex: Encoded, tok: Tokenizer, cfg: MaskConfig, seed: int, epoch:
 
 
 # ----------------------------------------------------------------------------- batching
+# Masked examples padded into micro-batches, in a seeded order that a resume re-enters at any step.
 
 def round_up(n: int, multiple: int) -> int:
     """The smallest multiple of `multiple` that is >= n."""
@@ -317,8 +322,8 @@ class Loader:
         """Collated micro-batches of one step, each with an `index` tensor of its example indices."""
         out = []
         for idx in self.step_indices(epoch, step):
-            batch = collate([mask_example(self.examples[i], self.tok, self.mask, self.seed, epoch, i) for i in idx],
-                            pin_memory=self.pin_memory)
+            items = [mask_example(self.examples[i], self.tok, self.mask, self.seed, epoch, i) for i in idx]
+            batch = collate(items, pin_memory=self.pin_memory)
             batch["index"] = torch.tensor(idx)
             out.append(batch)
         return out
@@ -389,6 +394,7 @@ def json_lines(path: Path, text: str) -> list:
 
 
 # ----------------------------------------------------------------------------- tokenizer
+# A Hugging Face tokenizer.json with the five tags added as special tokens.
 
 class Tokenizer:
     """A `tokenizers.Tokenizer` with the five tags as special tokens and the ids the pipeline needs."""
@@ -426,7 +432,7 @@ class Tokenizer:
         return self.tk.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        """The text of ids; tags and <|endoftext|> are kept unless skip_special_tokens (as Hugging Face's decode)."""
+        """The text of ids; tags and <|endoftext|> are kept unless skip_special_tokens (as in Hugging Face)."""
         return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def save(self, directory) -> Path:
@@ -455,6 +461,7 @@ def load_tokenizer(path) -> Tokenizer:
 
 
 # ----------------------------------------------------------------------------- readers
+# Dataset rows of the three hub schemas -> records; a mixture spec -> encoded examples that fit.
 
 RESERVED = TAGS + (EOS,)  # strings that would tokenize as control ids inside content
 JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
@@ -592,6 +599,7 @@ def load_dataset(spec: str, tok: Tokenizer, seq_len: int, seed: int = 0, skip_ba
 
 
 # ----------------------------------------------------------------------------- embedded dataset
+# The CPU demo's data: chain-of-thought addition and small chat tasks, with a tokenizer of its own.
 
 ADD_PROMPTS = ("What is {a}+{b}?", "Add {a} and {b}.", "Compute {a} + {b}.", "{a}+{b}=?")
 WORDS = ("cat dog sun moon tree bird fish star road lamp book door rain snow wind fire milk bread apple "
@@ -704,6 +712,7 @@ def embedded_dataset(seed: int = 0, n_train: int = 20000, n_eval: int = 200, dig
 
 
 # ----------------------------------------------------------------------------- rendering
+# `data.py show`: an example as text, with what training does to each token marked.
 
 LEGEND = ("⟦…⟧ labels (graded); text outside them is input only.  ⟨x⟩ x is <|mask|> in the masked input, "
           "⟨x→y⟩ x is replaced by y.  Labels dropped by rationale label masking fall outside ⟦…⟧.")
@@ -740,6 +749,7 @@ def render(ex: Encoded, tok: Tokenizer, item: dict = None) -> str:
 
 
 # ----------------------------------------------------------------------------- downloader (dataset viewer /rows)
+# The datasets as JSON Lines through the dataset viewer's /rows API, page by page and resumable.
 
 DEFAULT_ENDPOINT = "https://datasets-server.huggingface.co"
 PAGE_ROWS = 100  # the most rows the /rows API returns per request
@@ -904,9 +914,10 @@ def download(name: str, out_dir, endpoint: str = DEFAULT_ENDPOINT, retries: int 
 
 # ----------------------------------------------------------------------------- GSM8K evaluation (lm-eval harness)
 # What EleutherAI lm-evaluation-harness does for `--tasks gsm8k` (yaml metadata version 3.0), minus the model:
-#   prompt   ConfigurableTask.fewshot_context + the default ContextSampler: one random.Random(fewshot_random_seed=1234)
-#            for the whole task; for each test problem in order, rnd.sample(train_docs, 5); each shot is
-#            doc_to_text + target_delimiter " " + doc_to_target + fewshot_delimiter "\n\n", then doc_to_text.
+#   prompt   ConfigurableTask.fewshot_context + the default ContextSampler: one
+#            random.Random(fewshot_random_seed=1234) for the whole task; for each test problem in order,
+#            rnd.sample(train_docs, 5); each shot is doc_to_text + target_delimiter " " + doc_to_target +
+#            fewshot_delimiter "\n\n", then doc_to_text.
 #   stop     HFLM.generate_until: the yaml's `until` plus the tokenizer's EOS, cut post hoc by s.split(term)[0]
 #            for each term in that order; at most max_gen_toks=256 new tokens, greedy.
 #   filters  RegexFilter + take_first: strict-match takes the first `#### N`, flexible-extract the last number
@@ -916,9 +927,8 @@ def download(name: str, out_dir, endpoint: str = DEFAULT_ENDPOINT, retries: int 
 # Matched only for one process (world_size 1: with data parallelism each rank reseeds and draws other shots) and
 # without a chat template. Case folding uses str.lower where the harness uses numpy's np.char.lower on a
 # fixed-width array; they differ only for characters whose lower case is longer (e.g. 'İ'), never for numbers.
-# Checked equal to lm-eval 0.4.13 run as a library (prompts, cuts, both filters, exact_match, stderr) on 25 made-up
-# problems and 1,000 fuzzed completions; 0.4.2 (early 2024, the card's time) seeds Random(1234) at task creation and
-# draws the same shots.
+# Checked equal to lm-eval 0.4.13 run as a library (prompts, cuts, both filters, exact_match, stderr); 0.4.2 (early
+# 2024, the card's time) seeds Random(1234) at task creation and draws the same shots.
 
 GSM8K_FEWSHOT = 5  # num_fewshot
 GSM8K_SEED = 1234  # simple_evaluate's default fewshot_random_seed
@@ -1058,6 +1068,7 @@ def score_gsm8k(completions: list, references: list, format: str = "harness") ->
 
 
 # ----------------------------------------------------------------------------- command line
+# `python data.py show ...` and `python data.py download ...`, behind one error boundary.
 
 def _show(args):
     if args.spec == "embedded":
@@ -1092,27 +1103,29 @@ def _out_dir_problem(out: str):
     return None
 
 
+def _flag_value(args, flag: str):
+    return getattr(args, flag[2:].replace("-", "_"))
+
+
 def _flag_problem(args):
-    """The first flag that is out of range, as '--flag: why', or None; checked before any work starts."""
+    """'--flag value: why' for the first flag out of range, or None; checked before any work starts."""
     if args.command == "show":
-        checks = [("--limit", args.limit >= 0, "must be >= 0"), ("--seq-len", args.seq_len >= 1, "must be >= 1"),
-                  ("--digits", args.digits >= 1, "must be >= 1"), ("--epoch", args.epoch >= 0, "must be >= 0"),
+        checks = [("--limit", args.limit >= 0, "must be >= 0"),
+                  ("--seq-len", args.seq_len >= 1, "must be >= 1"),
+                  ("--digits", args.digits >= 1, "must be >= 1"),
+                  ("--epoch", args.epoch >= 0, "must be >= 0"),
                   ("--seed", 0 <= args.seed < 2 ** 32, "must be in [0, 2**32)")]
-        checks += [(f"--{name.replace('_', '-')}", 0 <= getattr(args, name) <= 1, "must be a probability in [0, 1]")
-                   for name in ("input_mask", "label_mask", "answer_only")]
+        for flag in ("--input-mask", "--label-mask", "--answer-only"):
+            checks.append((flag, 0 <= _flag_value(args, flag) <= 1, "must be a probability in [0, 1]"))
     else:
-        endpoint = urllib.parse.urlparse(args.endpoint)
+        url = urllib.parse.urlparse(args.endpoint)
+        out_problem = _out_dir_problem(args.out)
         checks = [("--retries", args.retries >= 0, "must be >= 0"),
                   ("--timeout", 0 < args.timeout < math.inf, "must be a number of seconds > 0"),
                   ("--backoff", 0 <= args.backoff < math.inf, "must be a number of seconds >= 0"),
-                  ("--endpoint", endpoint.scheme in ("http", "https") and endpoint.netloc, "must be an http(s) URL")]
-        out_problem = _out_dir_problem(args.out)
-        checks.append(("--out", out_problem is None, out_problem))
-    for flag, ok, why in checks:
-        if not ok:
-            value = getattr(args, flag[2:].replace("-", "_"))
-            return f"{flag} {value}: {why}"
-    return None
+                  ("--endpoint", url.scheme in ("http", "https") and bool(url.netloc), "must be an http(s) URL"),
+                  ("--out", out_problem is None, out_problem)]
+    return next((f"{flag} {_flag_value(args, flag)}: {why}" for flag, ok, why in checks if not ok), None)
 
 
 def _fail(message: str, code: int):
@@ -1140,7 +1153,8 @@ def main(argv=None):
     show.add_argument("--digits", type=int, default=3, help="operand digits of the embedded task")
     get = sub.add_parser("download", help="fetch datasets through the Hugging Face dataset viewer API")
     get.add_argument("name", choices=[*DATASETS, "all"])
-    get.add_argument("--out", default="data", help="output directory (files: NAME.jsonl, gsm8k-{train,test}.jsonl)")
+    get.add_argument("--out", default="data",
+                     help="output directory (files: NAME.jsonl, gsm8k-{train,test}.jsonl), made if missing")
     get.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help="dataset viewer base URL")
     get.add_argument("--retries", type=int, default=6, help="retries per request (exponential back-off)")
     get.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds, doubled each time")

@@ -200,6 +200,14 @@ def test_show_command(tmp_path, capsys, monkeypatch):
     assert "--endpoint" in capsys.readouterr().out
 
 
+@pytest.fixture(scope="module")
+def small_home(tmp_path_factory):
+    """A cache holding the embedded tokenizer (trained once here) and a model directory with its tokenizer.json."""
+    home = tmp_path_factory.mktemp("small")
+    data.embedded_tokenizer(home / "cache" / "remask").save(home / "model")
+    return home
+
+
 def run_cli(argv, capsys):
     """(exit code, stdout, stderr) of `data.py ARGV` run in this process: a traceback would fail the test."""
     with pytest.raises(SystemExit) as exit:
@@ -226,20 +234,20 @@ def run_cli(argv, capsys):
     (["download", "tinycot", "--out", "{tmp}", "--backoff", "-1"], 2, "--backoff -1.0: must be a number of seconds"),
     (["download", "tinycot", "--out", "{tmp}", "--endpoint", "ftp://x"], 2, "--endpoint ftp://x: must be an http(s)"),
     (["download", "tinycot", "--out", "{tmp}", "--endpoint", "localhost"], 2, "--endpoint localhost: must be an"),
-    (["show", "{tmp}/missing.jsonl", "--tokenizer", str(NEOX)], 1, "{tmp}/missing.jsonl: no such file"),
-    (["show", "{tmp}", "--tokenizer", str(NEOX)], 1, "{tmp}: is a directory, expected a file"),
-    (["show", "{file}", "--tokenizer", str(NEOX)], 1, "{file}: an empty file, no rows"),
-    (["show", "{file}:0", "--tokenizer", str(NEOX)], 1, "{file}: the spec '{file}:0' asks for 0 rows"),
+    (["show", "{tmp}/missing.jsonl", "--tokenizer", "{tok}"], 1, "{tmp}/missing.jsonl: no such file"),
+    (["show", "{tmp}", "--tokenizer", "{tok}"], 1, "{tmp}: is a directory, expected a file"),
+    (["show", "{file}", "--tokenizer", "{tok}"], 1, "{file}: an empty file, no rows"),
+    (["show", "{file}:0", "--tokenizer", "{tok}"], 1, "{file}: the spec '{file}:0' asks for 0 rows"),
     (["show", "embedded", "--tokenizer", "{tmp}"], 1, "{tmp}/tokenizer.json: not found"),
 ])
-def test_bad_flags_and_files_give_one_error_line(tmp_path, capsys, monkeypatch, argv, code, message):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+def test_bad_flags_and_files_give_one_error_line(tmp_path, capsys, monkeypatch, small_home, argv, code, message):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(small_home / "cache"))
     (tmp_path / "empty.jsonl").write_text("")
-    names = dict(tmp=tmp_path, file=tmp_path / "empty.jsonl")
+    names = dict(tmp=tmp_path, file=tmp_path / "empty.jsonl", tok=small_home / "model")
     got, out, err = run_cli([a.format(**names) for a in argv], capsys)
     assert got == code and (code == 1 or out == "")  # a bad flag stops before any work
     assert err.startswith("error: " + message.format(**names)) and err.count("\n") == 1, err
-    assert [p.name for p in tmp_path.iterdir() if p.name != "cache"] == ["empty.jsonl"]  # nothing written
+    assert list(tmp_path.iterdir()) == [tmp_path / "empty.jsonl"]  # nothing written
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
