@@ -1,29 +1,30 @@
 """data.py: which tokens ReMask shows the model and which it grades, made exact, inspectable and reproducible.
 
-The pipeline, top to bottom:
-  tokenizer   `load_tokenizer(dir)` loads a Hugging Face `tokenizer.json` with `tokenizers` and adds the five
-              tags <|user|> <|assistant|> <|rationale|> <|answer|> <|mask|> as special tokens when missing.
-              `len(tok)` is the number of embedding rows the tokenizer needs (the caller grows the model if short).
-  formats     chat  <|user|>\\n{user}\\n<|assistant|>\\n{assistant}\\n<|user|>\\n ... ending with <|user|>
-              CoT   <|user|>\\n{prompt}\\n<|rationale|>\\n{rationale}\\n<|answer|>\\n{answer}\\n<|user|>
-              `encode(record, tok)` tokenizes the whole string once and gives every token a role (tag, prompt,
-              response, rationale, answer) and a target flag, from the character offsets of that one encoding.
-  readers     TinyCoT (prompt, rationale, target), reddit-instruct-curated (post_title, post_text, comment_text),
-              oasst2_curated (messages of {role, content}); JSON Lines or a JSON array; the schema is detected
-              from a row's keys. `load_dataset("a.jsonl,b.jsonl:1000", tok, seq_len)` reads a mixture, samples
-              ":N" rows with the seed, encodes, and drops (or truncates) examples longer than seq_len.
-  download    `python data.py download NAME|all --out DIR` via the dataset viewer's /rows API (stdlib only).
-  masking     `mask_example(ex, tok, MaskConfig, seed, epoch, index)`: a pure function of (seed, epoch, index).
-  batching    `collate` right-pads to a multiple of 8; `Loader` yields each optimizer step's micro-batches for
-              one data-parallel rank, in a seeded order per epoch, from any (epoch, step) on.
-  embedded    `embedded_dataset(seed, n_train, n_eval, digits)`: synthetic chain-of-thought addition plus short
-              chat pairs, held-out problems, and a small BPE tokenizer trained here and cached on disk.
-  show        `render(ex, tok, item)` and `python data.py show SPEC --tokenizer DIR`: the text with labels and
-              masks marked.
-  gsm8k       the lm-evaluation-harness GSM8K task (gsm8k.yaml v3.0) without the model: `read_gsm8k(path)`,
-              `gsm8k_prompts(problems, train, format)` (5-shot 'Question: ...\\nAnswer:' drawn with seed 1234, or
-              the CoT template), `cut_at_stop(text, GSM8K_STOP[format])`, `strict_match`, `flexible_extract`,
-              `normalize_gsm8k`, and `score_gsm8k(completions, references, format)` with accuracy and stderr.
+The file follows one example through the pipeline, top to bottom:
+  conventions  the five tags, the token roles, label -100 where nothing is graded, right padding with id 0.
+  formats      chat  <|user|>\\n{user}\\n<|assistant|>\\n{assistant}\\n<|user|>\\n ... ending with <|user|>
+               CoT   <|user|>\\n{prompt}\\n<|rationale|>\\n{rationale}\\n<|answer|>\\n{answer}\\n<|user|>
+               `encode(record, tok)` tokenizes the whole string once and gives every token a role (tag, prompt,
+               response, rationale, answer) and a target flag from the character offsets of that one encoding;
+               `fit_length` drops (or cuts) examples longer than the sequence length.
+  masking      `mask_example(ex, tok, MaskConfig, seed, epoch, index)`: masked inputs, labels and KL mask of one
+               example, a pure function of (seed, epoch, index).
+  batching     `collate` right-pads to a multiple of 8; `Loader` yields each optimizer step's micro-batches for
+               one data-parallel rank, in a seeded order per epoch, from any (epoch, step) on.
+  tokenizer    `load_tokenizer(dir)` loads a Hugging Face `tokenizer.json` with `tokenizers` and adds the five
+               tags as special tokens when missing; `len(tok)` is the number of embedding rows it needs.
+  readers      TinyCoT (prompt, rationale, target), reddit-instruct-curated (post_title, post_text,
+               comment_text), oasst2_curated (messages of {role, content}) as JSON Lines or a JSON array; the
+               schema is recognised from a row's keys. `load_dataset("a.jsonl,b.jsonl:1000", tok, seq_len)`
+               reads a mixture, samples ":N" rows with the seed, encodes and fits it to seq_len.
+  embedded     `embedded_dataset(seed, n_train, n_eval, digits)`: synthetic chain-of-thought addition plus short
+               chat pairs, held-out problems, and a small BPE tokenizer trained here and cached on disk.
+  show         `render(ex, tok, item)` and `python data.py show SPEC`: the text with labels and masks marked.
+  download     `python data.py download NAME|all --out DIR` through the dataset viewer's /rows API (stdlib only).
+  gsm8k        the lm-evaluation-harness GSM8K task without the model: `read_gsm8k(path)`, `gsm8k_prompts`
+               (5-shot 'Question: ...\\nAnswer:' drawn with seed 1234, or the CoT template), `cut_at_stop`,
+               `strict_match`, `flexible_extract`, `normalize_gsm8k`, and `score_gsm8k` (accuracy and stderr).
+  command line `python data.py show ...` and `python data.py download ...`.
 
 Conventions other modules rely on: labels are aligned with input_ids (Hugging Face convention; the loss shifts
 them), -100 where there is no label; kl_mask is aligned the same way and marks the target positions before any
@@ -32,11 +33,16 @@ label dropping; padding id 0 on the right; no BOS is prepended (GPT-NeoX has non
 Deliberately left out: streaming datasets larger than memory, worker processes (masking and padding 16
 examples takes ~2 ms of CPU, far below a training step), the harness's chat-template and multi-process variants.
 
-References: the ReMask-3B model card (formats and mask rates); REFERENCE.md sections 2-4 and 8; Masked Thought
-(arXiv 2403.02178) for random-token masking; the Hugging Face dataset viewer API (/rows); EleutherAI
-lm-evaluation-harness (tasks/gsm8k/gsm8k.yaml v3.0, api/samplers.py, api/task.py, filters/extraction.py,
-api/metrics.py, models/huggingface.py generate_until).
+Sources: the ReMask-3B model card (huggingface.co/euclaise/ReMask-3B: the two prompt formats, the mask rates 0.4,
+0.1 and 0.1, sequence length 256, the three datasets); Masked Thought (Chen et al. 2024, arXiv 2403.02178) for
+random-token masking; the GPT-NeoX-20B tokenizer.json that stabilityai/stablelm-3b-4e1t ships (<|endoftext|> is
+id 0, no BOS); the dataset cards of euclaise/TinyCoT, euclaise/reddit-instruct-curated, sablo/oasst2_curated and
+openai/gsm8k; the Hugging Face dataset viewer API (huggingface.co/docs/dataset-viewer, the /rows endpoint);
+EleutherAI lm-evaluation-harness 0.4.13 (lm_eval/tasks/gsm8k/gsm8k.yaml version 3.0, api/samplers.py,
+api/task.py, filters/extraction.py, api/metrics.py, models/huggingface.py generate_until).
 """
+from __future__ import annotations  # the pipeline reads in order: encode names Tokenizer before it is defined
+
 import argparse
 import hashlib
 import http.client
@@ -59,9 +65,12 @@ import torch
 import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 
-TAGS = ("<|user|>", "<|assistant|>", "<|rationale|>", "<|answer|>", "<|mask|>")
+# ----------------------------------------------------------------------------- conventions
+# What every part below, and remask.py, relies on.
+
+TAGS = ("<|user|>", "<|assistant|>", "<|rationale|>", "<|answer|>", "<|mask|>")  # the card's tags, plus the mask
 EOS = "<|endoftext|>"
-PAD_ID = 0  # right padding id (REFERENCE.md section 3); never a label, so any id would do
+PAD_ID = 0  # right padding follows every real token, so causal attention never mixes it in; never a label either
 IGNORE_INDEX = -100  # label of a position without a target (torch's cross_entropy ignore_index)
 MODES = ("remask", "masked-thought", "sft")  # the three rows of the card's table (see MaskConfig)
 
@@ -75,73 +84,8 @@ class DataError(ValueError):
     """Bad input data or tokenizer; the message names the file, line and field."""
 
 
-# ----------------------------------------------------------------------------- tokenizer
-
-class Tokenizer:
-    """A `tokenizers.Tokenizer` with the five tags as special tokens and the ids the pipeline needs."""
-
-    def __init__(self, tk: tokenizers.Tokenizer, name: str = "tokenizer"):
-        tk.no_truncation()  # some hub files enable truncation/padding, which would silently cut examples
-        tk.no_padding()
-        added = tk.get_added_tokens_decoder()
-        special = {t.content for t in added.values() if t.special}
-        self.added_tags = [t for t in TAGS if t not in special]  # tags this tokenizer lacked (reported by callers)
-        tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in self.added_tags])
-        self.tk = tk
-        self.user_id, self.assistant_id, self.rationale_id, self.answer_id, self.mask_id = (
-            tk.token_to_id(t) for t in TAGS)
-        self.eos_id = tk.token_to_id(EOS)
-        if self.eos_id is None:
-            raise DataError(f"{name}: has no {EOS} token (the end-of-text id StableLM uses)")
-        self.pad_id = PAD_ID
-        # The offsets that assign roles must cover whole tokens: GPT-NeoX's ByteLevel post-processor trims
-        # whitespace from them, so roles come from a copy without a post-processor. With add_special_tokens=False
-        # a post-processor never changes ids, so both give the same ids (tested).
-        self._spans = tokenizers.Tokenizer.from_str(tk.to_str())
-        self._spans.post_processor = None
-        self._rows = max(max(tk.get_vocab(with_added_tokens=True).values()) + 1, tk.get_vocab_size(True))
-        specials = {i for i, t in tk.get_added_tokens_decoder().items() if t.special}
-        # Random-token masking draws from ordinary tokens only: a random <|user|> would fake the format.
-        self.ordinary_ids = np.array(
-            [i for i in range(self._rows) if i not in specials and tk.id_to_token(i) is not None])
-
-    def __len__(self) -> int:
-        """Embedding rows this tokenizer needs: the largest id plus one, added tokens included."""
-        return self._rows
-
-    def encode(self, text: str) -> list[int]:
-        return self.tk.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        """The text of ids; tags and <|endoftext|> are kept unless skip_special_tokens (as Hugging Face's decode)."""
-        return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
-
-    def save(self, directory) -> Path:
-        """Write `directory/tokenizer.json` atomically (tags included), so the directory reloads the same."""
-        path = Path(directory) / "tokenizer.json"
-        atomic_write(path, self.tk.to_str(pretty=True).encode())
-        return path
-
-
-def load_tokenizer(path) -> Tokenizer:
-    """Load a model directory's tokenizer.json (or the file itself) and add the tags it lacks."""
-    path = Path(path).expanduser()
-    file = path / "tokenizer.json" if path.is_dir() else path
-    if not file.is_file():
-        raise DataError(f"{file}: not found (a Hugging Face model directory holds a tokenizer.json)")
-    text = file.read_text(encoding="utf-8", errors="replace")
-    try:
-        json.loads(text)  # json's message says where the file breaks; the tokenizers library's does not
-    except json.JSONDecodeError as e:
-        raise DataError(f"{file}: not valid JSON (line {e.lineno} column {e.colno}: {e.msg})") from None
-    try:
-        tk = tokenizers.Tokenizer.from_str(text)
-    except Exception as e:  # the binding raises plain Exception
-        raise DataError(f"{file}: not a tokenizer the `tokenizers` library can load: {e}") from None
-    return Tokenizer(tk, str(file))
-
-
 # ----------------------------------------------------------------------------- formats and encoding
+# A record becomes one string in the card's format, tokenized once; every token gets a role and a target flag.
 
 @dataclass
 class ChatRecord:
@@ -166,15 +110,16 @@ class Encoded:
 def _segments(record) -> list:
     """(text, role, target) pieces whose concatenation is the formatted example."""
     u, a, r, ans = TAGS[:4]
-    if isinstance(record, CoTRecord):
+    if isinstance(record, CoTRecord):  # ends with '\n<|user|>' like a chat turn: the end of a reply is learned
+
         return [(u, TAG, False), ("\n", TAG, False), (record.prompt, PROMPT, False), ("\n", TAG, False),
                 (r, TAG, False), ("\n", TAG, False), (record.rationale, RATIONALE, True), ("\n", TAG, True),
                 (ans, TAG, True), ("\n", TAG, True), (record.answer, ANSWER, True), ("\n", TAG, True),
                 (u, TAG, True)]
     segs = [(u, TAG, False)]
     for user, assistant in record.turns:
-        segs += [("\n", TAG, False), (user, PROMPT, False), ("\n", TAG, False), (a, TAG, False), ("\n", TAG, False),
-                 (assistant, RESPONSE, True), ("\n", TAG, True), (u, TAG, True)]
+        segs += [("\n", TAG, False), (user, PROMPT, False), ("\n", TAG, False), (a, TAG, False),
+                 ("\n", TAG, False), (assistant, RESPONSE, True), ("\n", TAG, True), (u, TAG, True)]
     return segs
 
 
@@ -201,19 +146,26 @@ def extract_answer(completion: str):
 
 
 def encode_many(records: list, tok: Tokenizer) -> list:
-    """Encode each record with one whole-string tokenization; roles and targets come from the token offsets."""
+    """Encode each record with one whole-string tokenization; roles and targets come from the token offsets.
+
+    A token's role is the largest role among the characters it covers, and it is a target if any of them is.
+    In plain Python, with `enc.offsets` the [start, end) character span of each token:
+
+        role = [max(char_role[start:end]) for start, end in enc.offsets]
+        target = [any(char_target[start:end]) for start, end in enc.offsets]
+
+    `np.maximum.reduceat(a, [s0, e0, s1, e1, ...])` computes the same in one call: it reduces a[s0:e0],
+    a[e0:s1], a[s1:e1], ..., so its even entries are the tokens' spans. The odd entries are dropped: the byte
+    pieces of one character share its span, so there e0 > s1 and reduceat returns a single element instead."""
     segments = [_segments(r) for r in records]
     texts = ["".join(t for t, _, _ in segs) for segs in segments]
     out = []
     for record, segs, enc in zip(records, segments, tok._spans.encode_batch(texts, add_special_tokens=False)):
         lengths = [len(t) for t, _, _ in segs]
-        # per character, plus a sentinel so an end offset may equal the text length
+        # per character, plus a sentinel: reduceat's indices must be positions, and an end may equal the length
         char_role = np.append(np.repeat([r for _, r, _ in segs], lengths), TAG).astype(np.int8)
         char_target = np.append(np.repeat([g for _, _, g in segs], lengths), False)
-        spans = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)  # (T, 2) [start, end) in characters
-        # max over each token's characters in one call: reduceat on interleaved (start, end) pairs reduces
-        # [start, end) at even positions (byte pieces of one character share its span, which is fine)
-        bounds = spans.reshape(-1)
+        bounds = np.asarray(enc.offsets, dtype=np.int64).reshape(-1)  # (2T,) start0, end0, start1, end1, ...
         role = np.maximum.reduceat(char_role, bounds)[::2]
         target = np.logical_or.reduceat(char_target, bounds)[::2]
         out.append(Encoded(torch.tensor(enc.ids, dtype=torch.int64), torch.from_numpy(role.copy()),
@@ -242,283 +194,20 @@ def fit_length(examples: list, seq_len: int, truncate: bool = False):
     return kept, dropped
 
 
-# ----------------------------------------------------------------------------- readers
-
-RESERVED = TAGS + (EOS,)  # strings that would tokenize as control ids inside content
-
-
-def _text(row: dict, key: str, where: str = "", required: bool = True) -> str:
-    name = f"{where}{key}"
-    if key not in row or row[key] is None:
-        if required:
-            raise DataError(f"missing field '{name}'")
-        return ""
-    value = row[key]
-    if not isinstance(value, str):
-        raise DataError(f"field '{name}' must be a string, got {type(value).__name__}")
-    value = value.strip()  # the format puts its own newlines around every field
-    if required and not value:
-        raise DataError(f"field '{name}' is empty")
-    for tag in RESERVED:
-        if tag in value:
-            raise DataError(f"field '{name}' contains the reserved token {tag}")
-    return value
-
-
-def parse_row(row) -> ChatRecord | CoTRecord:
-    """One dataset row -> ChatRecord or CoTRecord; the schema is recognised from the keys."""
-    if not isinstance(row, dict):
-        raise DataError(f"a row must be a JSON object, got {type(row).__name__}")
-    if {"prompt", "rationale", "target"} <= row.keys():  # euclaise/TinyCoT
-        return CoTRecord(_text(row, "prompt"), _text(row, "rationale"), _text(row, "target"))
-    if {"post_title", "comment_text"} <= row.keys():  # euclaise/reddit-instruct-curated
-        title, body = _text(row, "post_title"), _text(row, "post_text", required=False)
-        return ChatRecord([(title + "\n" + body if body else title, _text(row, "comment_text"))])
-    if "messages" in row:  # sablo/oasst2_curated
-        messages = row["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise DataError("field 'messages' must be a non-empty list of {role, content}")
-        contents = []
-        for i, m in enumerate(messages):
-            where = f"messages[{i}]."
-            if not isinstance(m, dict):
-                raise DataError(f"messages[{i}] must be an object with role and content")
-            role = m.get("role")
-            if role not in ("user", "assistant"):
-                raise DataError(f"field '{where}role' is {role!r}; expected 'user' or 'assistant'")
-            expected = ("user", "assistant")[i % 2]
-            if role != expected:
-                raise DataError(f"conversation does not alternate: messages[{i}] is {role!r}, expected {expected!r}"
-                                " (it must go user, assistant, user, ...)")
-            contents.append(_text(m, "content", where))
-        if len(contents) % 2:
-            raise DataError(f"conversation ends with a user message (messages[{len(contents) - 1}]); "
-                            "it must end with the assistant")
-        return ChatRecord(list(zip(contents[::2], contents[1::2])))
-    raise DataError(f"unknown schema (keys {sorted(row)}); expected TinyCoT (prompt, rationale, target), "
-                    "reddit-instruct-curated (post_title, post_text, comment_text) or oasst2 (messages)")
-
-
-def read_records(path, skip_bad: bool = False):
-    """Read a JSON Lines file or a JSON array of rows -> (records, bad rows skipped, first bad message).
-    Without skip_bad the first bad row raises DataError naming file and line (or array item)."""
-    path = Path(path).expanduser()
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e})") from None
-    if text.lstrip().startswith("["):  # a JSON array; anything else is read as JSON Lines (what HF's to_json writes)
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON (line {e.lineno} column {e.colno}: {e.msg})") from None
-        located = [(f"{path}[item {i}]", row, None) for i, row in enumerate(rows)]
-    else:
-        located = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    located.append((f"{path}:{n}", json.loads(line), None))
-                except json.JSONDecodeError as e:
-                    located.append((f"{path}:{n}", None, f"malformed JSON ({e.msg} at column {e.colno})"))
-    records, bad, first = [], 0, None
-    for where, row, error in located:
-        try:
-            if error:
-                raise DataError(error)
-            records.append(parse_row(row))
-        except DataError as e:
-            message = f"{where}: {e}"
-            if not skip_bad:
-                raise DataError(message + " (--skip-bad skips such rows)") from None
-            bad, first = bad + 1, first or message
-    return records, bad, first
-
-
-def read_mixture(spec: str, seed: int = 0, skip_bad: bool = False, log=print) -> list:
-    """`a.jsonl,b.jsonl:1000`: every row of a, 1000 rows of b sampled with the seed (kept in file order)."""
-    records = []
-    for i, part in enumerate(p.strip() for p in spec.split(",")):
-        if not part:
-            raise DataError(f"empty entry in data spec {spec!r}")
-        path, _, count = part.rpartition(":")
-        path, count = (path, int(count)) if path and count.isdigit() else (part, None)
-        rows, bad, first = read_records(path, skip_bad)
-        note = f", skipped {bad} bad rows (first: {first})" if bad else ""
-        if count is not None:
-            if count > len(rows):
-                raise DataError(f"{path}: the spec asks for {count} rows but the file has {len(rows)} usable ones")
-            picked = sorted(random.Random(f"mixture:{seed}:{i}").sample(range(len(rows)), count))
-            rows = [rows[j] for j in picked]
-            note += f", sampled {count}"
-        log(f"{path}: {len(rows)} examples{note}")
-        records += rows
-    return records
-
-
-def load_dataset(spec: str, tok: Tokenizer, seq_len: int, seed: int = 0, skip_bad: bool = False,
-                 truncate: bool = False, log=print) -> list:
-    """Read a mixture spec, encode it and fit it to seq_len; logs what was read, skipped and dropped."""
-    encoded, dropped = fit_length(encode_many(read_mixture(spec, seed, skip_bad, log), tok), seq_len, truncate)
-    verb = "cut to" if truncate else "longer than"
-    log(f"{len(encoded)} examples; {dropped} dropped as {verb} {seq_len} tokens")
-    return encoded
-
-
-# ----------------------------------------------------------------------------- downloader (dataset viewer /rows)
-
-DEFAULT_ENDPOINT = "https://datasets-server.huggingface.co"
-PAGE_ROWS = 100  # the most rows the /rows API returns per request
-DATASETS = {  # name: (hub dataset, config, {split: output file})
-    "tinycot": ("euclaise/TinyCoT", "default", {"train": "tinycot.jsonl"}),
-    "reddit": ("euclaise/reddit-instruct-curated", "default", {"train": "reddit.jsonl"}),
-    "oasst2": ("sablo/oasst2_curated", "default", {"train": "oasst2.jsonl"}),
-    "gsm8k": ("openai/gsm8k", "main", {"train": "gsm8k-train.jsonl", "test": "gsm8k-test.jsonl"}),
-}
-
-
-class DownloadError(RuntimeError):
-    """A download that cannot go on; rows already fetched stay in the .partial file for a resume."""
-
-
-def atomic_write(path: Path, data):
-    """Write data (bytes, or str as UTF-8) to path via a temporary file beside it and a rename: never half a file."""
-    data = data.encode() if isinstance(data, str) else data
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def _get_json(url: str, retries: int, backoff: float, timeout: float, log) -> dict:
-    """GET a JSON document; server errors, rate limits, timeouts and cut connections are retried with
-    exponential back-off, other client errors fail at once with the server's message."""
-    last = ""
-    for attempt in range(retries + 1):
-        if attempt:
-            delay = backoff * 2 ** (attempt - 1)
-            log(f"  retry {attempt}/{retries} in {delay:g}s after: {last}")
-            time.sleep(delay)
-        try:
-            request = urllib.request.Request(url, headers={"User-Agent": "remask-data/1"})
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                return json.loads(response.read().decode("utf-8"))
-        except urllib.error.HTTPError as e:
-            try:
-                message = json.loads(e.read().decode("utf-8")).get("error", "")
-            except (ValueError, AttributeError, OSError, http.client.HTTPException):
-                message = ""
-            last = f"HTTP {e.code} {message or e.reason}".strip()
-            if e.code != 429 and e.code < 500:
-                raise DownloadError(f"{url}: {last}") from None
-        except (OSError, http.client.HTTPException, ValueError) as e:  # URLError, timeouts, resets, torn JSON
-            last = f"{type(e).__name__}: {e}"
-    raise DownloadError(f"{url}: gave up after {retries + 1} attempts ({last})")
-
-
-def _complete_rows(partial: Path) -> int:
-    """Rows in a partial file; a torn last line (an interrupted write) is cut off first."""
-    if not partial.exists():
-        return 0
-    data = partial.read_bytes()
-    keep = data.rfind(b"\n") + 1
-    if keep < len(data):
-        with open(partial, "r+b") as f:
-            f.truncate(keep)
-    return data.count(b"\n", 0, keep)
-
-
-def download_split(dataset: str, config: str, split: str, path: Path, endpoint: str = DEFAULT_ENDPOINT,
-                   retries: int = 6, backoff: float = 1.0, timeout: float = 60.0, log=print) -> Path:
-    """Fetch one split into `path` (JSON Lines of the row objects). Rows go to `path.partial` page by page;
-    an interrupted run resumes from its row count; the file is renamed into place when every row is there."""
-    partial = path.with_name(path.name + ".partial")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    offset = _complete_rows(partial)
-    if offset:
-        log(f"{path.name}: resuming at row {offset}")
-    total, first, started, pages = None, offset, time.time(), 0
-    with open(partial, "ab") as f:
-        while total is None or offset < total:
-            query = urllib.parse.urlencode(dict(dataset=dataset, config=config, split=split, offset=offset,
-                                                length=PAGE_ROWS))
-            url = f"{endpoint.rstrip('/')}/rows?{query}"
-            page = _get_json(url, retries, backoff, timeout, log)
-            if not isinstance(page, dict) or not isinstance(page.get("rows"), list) \
-                    or not isinstance(page.get("num_rows_total"), int):
-                raise DownloadError(f"{url}: unexpected answer (no rows/num_rows_total): {str(page)[:200]}")
-            if page.get("partial"):
-                raise DownloadError(f"{url}: the dataset viewer serves only part of {dataset} {split}; "
-                                    "download its parquet files from the hub instead")
-            total, rows = page["num_rows_total"], page["rows"]
-            if offset > total:
-                raise DownloadError(f"{partial} holds {offset} rows but {dataset} {split} has {total}: "
-                                    "delete it and download again")
-            if not rows and offset < total:
-                raise DownloadError(f"{url}: no rows returned at offset {offset} of {total}")
-            lines = []
-            for i, item in enumerate(rows):
-                if not isinstance(item, dict) or item.get("row_idx") != offset + i \
-                        or not isinstance(item.get("row"), dict):
-                    raise DownloadError(f"{url}: expected row {offset + i}, got {str(item)[:200]}")
-                if item.get("truncated_cells"):
-                    cut = [f"row {r['row_idx']} ({', '.join(r['truncated_cells'])})"
-                           for r in rows[i:] if r.get("truncated_cells")]
-                    f.write(b"".join(lines))  # keep the whole rows before the first cut one
-                    raise DownloadError(
-                        f"{dataset} {split}: the dataset viewer truncated {'; '.join(cut)}; such rows cannot be "
-                        f"fetched whole through /rows. Rows before them are kept in {partial}. Fetch the split's "
-                        f"parquet files from the hub and convert them to {path.name} instead.")
-                lines.append(json.dumps(item["row"], ensure_ascii=False).encode() + b"\n")
-            f.write(b"".join(lines))
-            f.flush()
-            os.fsync(f.fileno())  # a page is on disk before the offset it implies is used again
-            offset, pages = offset + len(rows), pages + 1
-            if pages % 10 == 0 or offset >= total:
-                rate = (offset - first) / max(time.time() - started, 1e-9)
-                log(f"{path.name}: {offset}/{total} rows ({100 * offset / max(total, 1):.1f}%, {rate:.0f} rows/s)")
-    if _complete_rows(partial) != total:
-        raise DownloadError(f"{partial}: expected {total} rows, found {_complete_rows(partial)}")
-    os.replace(partial, path)
-    return path
-
-
-def download(name: str, out_dir, endpoint: str = DEFAULT_ENDPOINT, retries: int = 6, backoff: float = 1.0,
-             timeout: float = 60.0, force: bool = False, log=print) -> list:
-    """Download a named dataset (or "all") into out_dir; finished files are kept unless force."""
-    names = list(DATASETS) if name == "all" else [name]
-    for n in names:
-        if n not in DATASETS:
-            raise DownloadError(f"unknown dataset {n!r}; choose from {', '.join(DATASETS)} or all")
-    paths = []
-    for n in names:
-        dataset, config, splits = DATASETS[n]
-        for split, filename in splits.items():
-            path = Path(out_dir).expanduser() / filename
-            if force:
-                path.with_name(path.name + ".partial").unlink(missing_ok=True)
-            if path.exists() and not force:
-                log(f"{path}: already downloaded (--force fetches again)")
-            else:
-                log(f"{path}: {dataset} ({config}, {split}) from {endpoint}")
-                download_split(dataset, config, split, path, endpoint, retries, backoff, timeout, log)
-            paths.append(path)
-    return paths
+def describe_fit(kept: int, dropped: int, seq_len: int, truncate: bool) -> str:
+    """The log line for fit_length's result."""
+    if truncate:
+        return f"{kept} examples (longer ones cut to {seq_len} tokens); {dropped} dropped as left without labels"
+    return f"{kept} examples; {dropped} dropped as longer than {seq_len} tokens"
 
 
 # ----------------------------------------------------------------------------- masking
+# What ReMask is about: which inputs the masked pass sees replaced, and which labels are dropped.
 
 @dataclass
 class MaskConfig:
+    """How one example is masked. The defaults are the model card's rates and the single source of every
+    default elsewhere (`data.py show`, remask.py's TrainConfig)."""
     mode: str = "remask"  # sft: full input only; masked-thought: masked input only; remask: both (+ KL)
     input_mask: float = 0.4  # probability that each response/rationale input token is replaced
     label_mask: float = 0.1  # probability that each rationale label is dropped (CoT; not in sft)
@@ -562,6 +251,7 @@ def mask_example(ex: Encoded, tok: Tokenizer, cfg: MaskConfig, seed: int, epoch:
 
 
 # ----------------------------------------------------------------------------- batching
+# Masked examples padded into micro-batches, in a seeded order that a resume re-enters at any step.
 
 def round_up(n: int, multiple: int) -> int:
     """The smallest multiple of `multiple` that is >= n."""
@@ -632,8 +322,8 @@ class Loader:
         """Collated micro-batches of one step, each with an `index` tensor of its example indices."""
         out = []
         for idx in self.step_indices(epoch, step):
-            batch = collate([mask_example(self.examples[i], self.tok, self.mask, self.seed, epoch, i) for i in idx],
-                            pin_memory=self.pin_memory)
+            items = [mask_example(self.examples[i], self.tok, self.mask, self.seed, epoch, i) for i in idx]
+            batch = collate(items, pin_memory=self.pin_memory)
             batch["index"] = torch.tensor(idx)
             out.append(batch)
         return out
@@ -644,7 +334,272 @@ class Loader:
             yield step, self.micro_batches(epoch, step)
 
 
+# ----------------------------------------------------------------------------- files
+# What reading and writing share: a written file appears whole or not at all, with the mode an ordinary open()
+# would give it; a read names the file that fails; JSON Lines end at "\n" and nowhere else.
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it, so the old value is put back at once)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def atomic_write(path, data):
+    """Write data (bytes, or str as UTF-8) to path via a temporary file beside it and a rename: never half a file.
+    The file gets 0666 less the umask, as open() would give it: mkstemp's 0600 would hide a tokenizer or a log
+    from the colleagues a shared directory is for."""
+    data = data.encode() if isinstance(data, str) else data
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~current_umask())
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def read_text(path: Path) -> str:
+    """A UTF-8 text file without its byte-order mark, if any; DataError names the file when it cannot be read."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory, expected a file") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror})") from None
+
+
+def json_lines(path: Path, text: str) -> list:
+    """(where, row, error) for each non-blank line of JSON Lines text: where is 'path:line', error says why a
+    line is not JSON (row is None then). Lines end at "\\n" only: str.splitlines() also ends them at U+2028,
+    U+2029 and U+0085, which json.dumps(ensure_ascii=False) leaves raw inside strings."""
+    rows = []
+    for n, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            try:
+                rows.append((f"{path}:{n}", json.loads(line), None))
+            except json.JSONDecodeError as e:
+                rows.append((f"{path}:{n}", None, f"malformed JSON ({e.msg} at column {e.colno})"))
+    return rows
+
+
+# ----------------------------------------------------------------------------- tokenizer
+# A Hugging Face tokenizer.json with the five tags added as special tokens.
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` with the five tags as special tokens and the ids the pipeline needs."""
+
+    def __init__(self, tk: tokenizers.Tokenizer, name: str = "tokenizer"):
+        tk.no_truncation()  # some hub files enable truncation/padding, which would silently cut examples
+        tk.no_padding()
+        added = tk.get_added_tokens_decoder()
+        special = {t.content for t in added.values() if t.special}
+        self.added_tags = [t for t in TAGS if t not in special]  # tags this tokenizer lacked (reported by callers)
+        tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in self.added_tags])
+        self.tk = tk
+        self.user_id, self.assistant_id, self.rationale_id, self.answer_id, self.mask_id = (
+            tk.token_to_id(t) for t in TAGS)
+        self.eos_id = tk.token_to_id(EOS)
+        if self.eos_id is None:
+            raise DataError(f"{name}: has no {EOS} token (the end-of-text id StableLM uses)")
+        self.pad_id = PAD_ID
+        # The offsets that assign roles must cover whole tokens: GPT-NeoX's ByteLevel post-processor trims
+        # whitespace from them, so roles come from a copy without a post-processor. With add_special_tokens=False
+        # a post-processor never changes ids, so both give the same ids (tested).
+        self._spans = tokenizers.Tokenizer.from_str(tk.to_str())
+        self._spans.post_processor = None
+        self._rows = max(max(tk.get_vocab(with_added_tokens=True).values()) + 1, tk.get_vocab_size(True))
+        specials = {i for i, t in tk.get_added_tokens_decoder().items() if t.special}
+        # Random-token masking draws from ordinary tokens only: a random <|user|> would fake the format.
+        self.ordinary_ids = np.array(
+            [i for i in range(self._rows) if i not in specials and tk.id_to_token(i) is not None])
+
+    def __len__(self) -> int:
+        """Embedding rows this tokenizer needs: the largest id plus one, added tokens included."""
+        return self._rows
+
+    def encode(self, text: str) -> list[int]:
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        """The text of ids; tags and <|endoftext|> are kept unless skip_special_tokens (as in Hugging Face)."""
+        return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def save(self, directory) -> Path:
+        """Write `directory/tokenizer.json` atomically (tags included), so the directory reloads the same."""
+        path = Path(directory) / "tokenizer.json"
+        atomic_write(path, self.tk.to_str(pretty=True).encode())
+        return path
+
+
+def load_tokenizer(path) -> Tokenizer:
+    """Load a model directory's tokenizer.json (or the file itself) and add the tags it lacks."""
+    path = Path(path).expanduser()
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        raise DataError(f"{file}: not found (a Hugging Face model directory holds a tokenizer.json)")
+    text = file.read_text(encoding="utf-8", errors="replace")
+    try:
+        json.loads(text)  # json's message says where the file breaks; the tokenizers library's does not
+    except json.JSONDecodeError as e:
+        raise DataError(f"{file}: not valid JSON (line {e.lineno} column {e.colno}: {e.msg})") from None
+    try:
+        tk = tokenizers.Tokenizer.from_str(text)
+    except Exception as e:  # the binding raises plain Exception
+        raise DataError(f"{file}: not a tokenizer the `tokenizers` library can load: {e}") from None
+    return Tokenizer(tk, str(file))
+
+
+# ----------------------------------------------------------------------------- readers
+# Dataset rows of the three hub schemas -> records; a mixture spec -> encoded examples that fit.
+
+RESERVED = TAGS + (EOS,)  # strings that would tokenize as control ids inside content
+JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+
+
+def _text(row: dict, key: str, where: str = "", required: bool = True) -> str:
+    name = f"{where}{key}"
+    if key not in row or row[key] is None:
+        if required:
+            raise DataError(f"missing field '{name}'")
+        return ""
+    value = row[key]
+    if not isinstance(value, str):
+        raise DataError(f"field '{name}' must be a string, got {type(value).__name__}")
+    value = value.strip()  # the format puts its own newlines around every field
+    if required and not value:
+        raise DataError(f"field '{name}' is empty")
+    for tag in RESERVED:
+        if tag in value:
+            raise DataError(f"field '{name}' contains the reserved token {tag}")
+    return value
+
+
+def parse_row(row) -> ChatRecord | CoTRecord:
+    """One dataset row -> ChatRecord or CoTRecord; the schema is recognised from the keys."""
+    if not isinstance(row, dict):
+        raise DataError(f"the row is a JSON {JSON_TYPES.get(type(row), 'value')}, expected an object")
+    if {"prompt", "rationale", "target"} <= row.keys():  # euclaise/TinyCoT
+        return CoTRecord(_text(row, "prompt"), _text(row, "rationale"), _text(row, "target"))
+    if {"post_title", "comment_text"} <= row.keys():  # euclaise/reddit-instruct-curated
+        title, body = _text(row, "post_title"), _text(row, "post_text", required=False)
+        return ChatRecord([(title + "\n" + body if body else title, _text(row, "comment_text"))])
+    if "messages" in row:  # sablo/oasst2_curated
+        messages = row["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise DataError("field 'messages' must be a non-empty list of {role, content}")
+        contents = []
+        for i, m in enumerate(messages):
+            where = f"messages[{i}]."
+            if not isinstance(m, dict):
+                raise DataError(f"messages[{i}] must be an object with role and content")
+            role = m.get("role")
+            if role not in ("user", "assistant"):
+                raise DataError(f"field '{where}role' is {role!r}; expected 'user' or 'assistant'")
+            expected = ("user", "assistant")[i % 2]
+            if role != expected:
+                raise DataError(f"conversation does not alternate: messages[{i}] is {role!r}, expected {expected!r}"
+                                " (it must go user, assistant, user, ...)")
+            contents.append(_text(m, "content", where))
+        if len(contents) % 2:
+            raise DataError(f"conversation ends with a user message (messages[{len(contents) - 1}]); "
+                            "it must end with the assistant")
+        return ChatRecord(list(zip(contents[::2], contents[1::2])))
+    raise DataError(f"unknown schema (keys {sorted(row)}); expected TinyCoT (prompt, rationale, target), "
+                    "reddit-instruct-curated (post_title, post_text, comment_text) or oasst2 (messages)")
+
+
+def _is_json_array(text: str) -> bool:
+    """Whether a file is one JSON array rather than JSON Lines: it starts with '[', unless its first line is a
+    whole JSON value with more lines after it (JSON Lines whose rows are arrays, each reported as such)."""
+    first, _, rest = text.lstrip().partition("\n")
+    if not first.startswith("["):
+        return False
+    if not rest.strip():
+        return True  # an array on one line
+    try:
+        json.loads(first)
+    except json.JSONDecodeError:
+        return True  # an array spread over lines
+    return False  # a whole value, then more lines
+
+
+def read_records(path, skip_bad: bool = False):
+    """Read a JSON Lines file or a JSON array of rows -> (records, bad rows skipped, first bad message).
+    Without skip_bad the first bad row raises DataError naming file and line (or array item); a file without
+    a single good row raises DataError saying why."""
+    path = Path(path).expanduser()
+    text = read_text(path)
+    if not text.strip():
+        raise DataError(f"{path}: {'only blank lines' if text else 'an empty file'}, no rows")
+    if _is_json_array(text):  # anything else is read as JSON Lines (what HF's to_json writes)
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON (line {e.lineno} column {e.colno}: {e.msg})") from None
+        located = [(f"{path}[item {i}]", row, None) for i, row in enumerate(rows)]
+    else:
+        located = json_lines(path, text)
+    records, bad, first = [], 0, None
+    for where, row, error in located:
+        try:
+            if error:
+                raise DataError(error)
+            records.append(parse_row(row))
+        except DataError as e:
+            message = f"{where}: {e}"
+            if not skip_bad:
+                raise DataError(message + " (--skip-bad skips such rows)") from None
+            bad, first = bad + 1, first or message
+    if not records:
+        why = f"all {bad} rows are bad (first: {first})" if bad else "an empty JSON array, no rows"
+        raise DataError(f"{path}: {why}")
+    return records, bad, first
+
+
+def read_mixture(spec: str, seed: int = 0, skip_bad: bool = False, log=print) -> list:
+    """`a.jsonl,b.jsonl:1000`: every row of a, 1000 rows of b sampled with the seed (kept in file order)."""
+    records = []
+    for i, part in enumerate(p.strip() for p in spec.split(",")):
+        if not part:
+            raise DataError(f"empty entry in data spec {spec!r}")
+        path, _, count = part.rpartition(":")
+        path, count = (path, int(count)) if path and count.isdigit() else (part, None)
+        if count == 0:
+            raise DataError(f"{path}: the spec {part!r} asks for 0 rows (leave the file out instead)")
+        rows, bad, first = read_records(path, skip_bad)
+        note = f", skipped {bad} bad rows (first: {first})" if bad else ""
+        if count is not None:
+            if count > len(rows):
+                raise DataError(f"{path}: the spec asks for {count} rows but the file has {len(rows)} usable ones")
+            picked = sorted(random.Random(f"mixture:{seed}:{i}").sample(range(len(rows)), count))
+            rows = [rows[j] for j in picked]
+            note += f", sampled {count}"
+        log(f"{path}: {len(rows)} examples{note}")
+        records += rows
+    return records
+
+
+def load_dataset(spec: str, tok: Tokenizer, seq_len: int, seed: int = 0, skip_bad: bool = False,
+                 truncate: bool = False, log=print) -> list:
+    """Read a mixture spec, encode it and fit it to seq_len; logs what was read, skipped and dropped."""
+    encoded, dropped = fit_length(encode_many(read_mixture(spec, seed, skip_bad, log), tok), seq_len, truncate)
+    log(describe_fit(len(encoded), dropped, seq_len, truncate))
+    return encoded
+
+
 # ----------------------------------------------------------------------------- embedded dataset
+# The CPU demo's data: chain-of-thought addition and small chat tasks, with a tokenizer of its own.
 
 ADD_PROMPTS = ("What is {a}+{b}?", "Add {a} and {b}.", "Compute {a} + {b}.", "{a}+{b}=?")
 WORDS = ("cat dog sun moon tree bird fish star road lamp book door rain snow wind fire milk bread apple "
@@ -757,6 +712,7 @@ def embedded_dataset(seed: int = 0, n_train: int = 20000, n_eval: int = 200, dig
 
 
 # ----------------------------------------------------------------------------- rendering
+# `data.py show`: an example as text, with what training does to each token marked.
 
 LEGEND = ("⟦…⟧ labels (graded); text outside them is input only.  ⟨x⟩ x is <|mask|> in the masked input, "
           "⟨x→y⟩ x is replaced by y.  Labels dropped by rationale label masking fall outside ⟦…⟧.")
@@ -792,11 +748,176 @@ def render(ex: Encoded, tok: Tokenizer, item: dict = None) -> str:
     return head + "\n" + "".join(out)
 
 
+# ----------------------------------------------------------------------------- downloader (dataset viewer /rows)
+# The datasets as JSON Lines through the dataset viewer's /rows API, page by page and resumable.
+
+DEFAULT_ENDPOINT = "https://datasets-server.huggingface.co"
+PAGE_ROWS = 100  # the most rows the /rows API returns per request
+DATASETS = {  # name: (hub dataset, config, {split: output file})
+    "tinycot": ("euclaise/TinyCoT", "default", {"train": "tinycot.jsonl"}),
+    "reddit": ("euclaise/reddit-instruct-curated", "default", {"train": "reddit.jsonl"}),
+    "oasst2": ("sablo/oasst2_curated", "default", {"train": "oasst2.jsonl"}),
+    "gsm8k": ("openai/gsm8k", "main", {"train": "gsm8k-train.jsonl", "test": "gsm8k-test.jsonl"}),
+}
+
+
+class DownloadError(RuntimeError):
+    """A download that cannot go on. `resumable`: the same command run again continues from the rows kept in the
+    .partial file; False where it would meet the same fault again."""
+
+    def __init__(self, message: str, resumable: bool = True):
+        super().__init__(message)
+        self.resumable = resumable
+
+
+def _get_json(url: str, retries: int, backoff: float, timeout: float, log) -> dict:
+    """GET a JSON document; server errors, rate limits, timeouts and cut connections are retried with
+    exponential back-off, other client errors fail at once with the server's message."""
+    last = ""
+    for attempt in range(retries + 1):
+        if attempt:
+            delay = backoff * 2 ** (attempt - 1)
+            log(f"  retry {attempt}/{retries} in {delay:g}s after: {last}")
+            time.sleep(delay)
+        try:
+            request = urllib.request.Request(url, headers={"User-Agent": "remask-data/1"})
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return json.loads(response.read().decode("utf-8"))
+        except urllib.error.HTTPError as e:
+            try:
+                message = json.loads(e.read().decode("utf-8")).get("error", "")
+            except (ValueError, AttributeError, OSError, http.client.HTTPException):
+                message = ""
+            last = f"HTTP {e.code} {message or e.reason}".strip()
+            if e.code != 429 and e.code < 500:
+                raise DownloadError(f"{url}: {last}") from None
+        except (OSError, http.client.HTTPException, ValueError) as e:  # URLError, timeouts, resets, torn JSON
+            last = f"{type(e).__name__}: {e}"
+    raise DownloadError(f"{url}: gave up after {retries + 1} attempts ({last})")
+
+
+def _complete_rows(partial: Path) -> int:
+    """Rows in a partial file; a torn last line (an interrupted write) is cut off first."""
+    if not partial.exists():
+        return 0
+    data = partial.read_bytes()
+    keep = data.rfind(b"\n") + 1
+    if keep < len(data):
+        with open(partial, "r+b") as f:
+            f.truncate(keep)
+    return data.count(b"\n", 0, keep)
+
+
+def partial_path(path: Path) -> Path:
+    """Where the rows of `path` gather until every one is there."""
+    return path.with_name(path.name + ".partial")
+
+
+def download_split(dataset: str, config: str, split: str, path: Path, endpoint: str = DEFAULT_ENDPOINT,
+                   retries: int = 6, backoff: float = 1.0, timeout: float = 60.0, log=print) -> Path:
+    """Fetch one split into `path` (JSON Lines of the row objects). Rows go to `path.partial` page by page;
+    an interrupted run resumes from its row count; the file is renamed into place when every row is there.
+    A failure keeps the .partial file only if it holds rows, and says how many."""
+    partial = partial_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    offset = _complete_rows(partial)
+    if offset:
+        log(f"{path.name}: resuming at row {offset}")
+    try:
+        total = _fetch_rows(dataset, config, split, path, offset, endpoint, retries, backoff, timeout, log)
+    except BaseException as e:
+        kept = _complete_rows(partial)
+        if not kept:
+            partial.unlink(missing_ok=True)  # nothing to resume from
+            raise
+        note = f"{kept} rows are kept in {partial}"
+        if not isinstance(e, DownloadError):  # Ctrl-C, a full disk: the caller reports the error itself
+            log(f"{path.name}: {note}; the same command resumes after them")
+            raise
+        resume = "; the same command resumes after them" if e.resumable else ""
+        raise DownloadError(f"{e} ({note}{resume})", e.resumable) from None
+    if _complete_rows(partial) != total:
+        raise DownloadError(f"{partial}: expected {total} rows, found {_complete_rows(partial)}", False)
+    os.replace(partial, path)
+    return path
+
+
+def _fetch_rows(dataset: str, config: str, split: str, path: Path, offset: int, endpoint: str, retries: int,
+                backoff: float, timeout: float, log) -> int:
+    """Append the split's rows from `offset` on to path's .partial file, one page at a time; returns the split's
+    row count."""
+    total, first, started, pages = None, offset, time.time(), 0
+    with open(partial_path(path), "ab") as f:
+        while total is None or offset < total:
+            query = urllib.parse.urlencode(dict(dataset=dataset, config=config, split=split, offset=offset,
+                                                length=PAGE_ROWS))
+            url = f"{endpoint.rstrip('/')}/rows?{query}"
+            page = _get_json(url, retries, backoff, timeout, log)
+            if not isinstance(page, dict) or not isinstance(page.get("rows"), list) \
+                    or not isinstance(page.get("num_rows_total"), int):
+                raise DownloadError(f"{url}: unexpected answer (no rows/num_rows_total): {str(page)[:200]}")
+            if page.get("partial"):
+                raise DownloadError(f"{url}: the dataset viewer serves only part of {dataset} {split}; "
+                                    "download its parquet files from the hub instead", False)
+            total, rows = page["num_rows_total"], page["rows"]
+            if offset > total:
+                raise DownloadError(f"{dataset} {split} has {total} rows, fewer than the {offset} fetched before: "
+                                    "it changed since; --force fetches it again", False)
+            if not rows and offset < total:
+                raise DownloadError(f"{url}: no rows returned at offset {offset} of {total}")
+            lines = []
+            for i, item in enumerate(rows):
+                if not isinstance(item, dict) or item.get("row_idx") != offset + i \
+                        or not isinstance(item.get("row"), dict):
+                    raise DownloadError(f"{url}: expected row {offset + i}, got {str(item)[:200]}")
+                if item.get("truncated_cells"):
+                    cut = [f"row {r['row_idx']} ({', '.join(r['truncated_cells'])})"
+                           for r in rows[i:] if r.get("truncated_cells")]
+                    f.write(b"".join(lines))  # keep the whole rows before the first cut one
+                    raise DownloadError(
+                        f"{dataset} {split}: the dataset viewer truncated {'; '.join(cut)}; such rows cannot be "
+                        f"fetched whole through /rows. Fetch the split's parquet files from the hub and convert "
+                        f"them to {path.name} instead", False)
+                lines.append(json.dumps(item["row"], ensure_ascii=False).encode() + b"\n")
+            f.write(b"".join(lines))
+            f.flush()
+            os.fsync(f.fileno())  # a page is on disk before the offset it implies is used again
+            offset, pages = offset + len(rows), pages + 1
+            if pages % 10 == 0 or offset >= total:
+                rate = (offset - first) / max(time.time() - started, 1e-9)
+                log(f"{path.name}: {offset}/{total} rows ({100 * offset / max(total, 1):.1f}%, {rate:.0f} rows/s)")
+    return total
+
+
+def download(name: str, out_dir, endpoint: str = DEFAULT_ENDPOINT, retries: int = 6, backoff: float = 1.0,
+             timeout: float = 60.0, force: bool = False, log=print) -> list:
+    """Download a named dataset (or "all") into out_dir; finished files are kept unless force."""
+    names = list(DATASETS) if name == "all" else [name]
+    for n in names:
+        if n not in DATASETS:
+            raise DownloadError(f"unknown dataset {n!r}; choose from {', '.join(DATASETS)} or all")
+    paths = []
+    for n in names:
+        dataset, config, splits = DATASETS[n]
+        for split, filename in splits.items():
+            path = Path(out_dir).expanduser() / filename
+            if force:
+                partial_path(path).unlink(missing_ok=True)
+            if path.exists() and not force:
+                log(f"{path}: already downloaded (--force fetches again)")
+            else:
+                log(f"{path}: {dataset} ({config}, {split}) from {endpoint}")
+                download_split(dataset, config, split, path, endpoint, retries, backoff, timeout, log)
+            paths.append(path)
+    return paths
+
+
 # ----------------------------------------------------------------------------- GSM8K evaluation (lm-eval harness)
 # What EleutherAI lm-evaluation-harness does for `--tasks gsm8k` (yaml metadata version 3.0), minus the model:
-#   prompt   ConfigurableTask.fewshot_context + the default ContextSampler: one random.Random(fewshot_random_seed=1234)
-#            for the whole task; for each test problem in order, rnd.sample(train_docs, 5); each shot is
-#            doc_to_text + target_delimiter " " + doc_to_target + fewshot_delimiter "\n\n", then doc_to_text.
+#   prompt   ConfigurableTask.fewshot_context + the default ContextSampler: one
+#            random.Random(fewshot_random_seed=1234) for the whole task; for each test problem in order,
+#            rnd.sample(train_docs, 5); each shot is doc_to_text + target_delimiter " " + doc_to_target +
+#            fewshot_delimiter "\n\n", then doc_to_text.
 #   stop     HFLM.generate_until: the yaml's `until` plus the tokenizer's EOS, cut post hoc by s.split(term)[0]
 #            for each term in that order; at most max_gen_toks=256 new tokens, greedy.
 #   filters  RegexFilter + take_first: strict-match takes the first `#### N`, flexible-extract the last number
@@ -806,9 +927,8 @@ def render(ex: Encoded, tok: Tokenizer, item: dict = None) -> str:
 # Matched only for one process (world_size 1: with data parallelism each rank reseeds and draws other shots) and
 # without a chat template. Case folding uses str.lower where the harness uses numpy's np.char.lower on a
 # fixed-width array; they differ only for characters whose lower case is longer (e.g. 'İ'), never for numbers.
-# Checked equal to lm-eval 0.4.13 run as a library (prompts, cuts, both filters, exact_match, stderr) on 25 made-up
-# problems and 1,000 fuzzed completions; 0.4.2 (early 2024, the card's time) seeds Random(1234) at task creation and
-# draws the same shots.
+# Checked equal to lm-eval 0.4.13 run as a library (prompts, cuts, both filters, exact_match, stderr); 0.4.2 (early
+# 2024, the card's time) seeds Random(1234) at task creation and draws the same shots.
 
 GSM8K_FEWSHOT = 5  # num_fewshot
 GSM8K_SEED = 1234  # simple_evaluate's default fewshot_random_seed
@@ -833,24 +953,13 @@ def read_gsm8k(path) -> list:
     """GSM8K JSON Lines (question, answer per row; what `data.py download gsm8k` writes) -> [GSM8KProblem].
     The first bad row raises DataError naming file and line."""
     path = Path(path).expanduser()
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e})") from None
     problems = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+    for where, row, error in json_lines(path, read_text(path)):
+        if error:
+            raise DataError(f"{where}: {error}")
         if not isinstance(row, dict):
-            raise DataError(f"{where}: a row must be a JSON object with question and answer, "
-                            f"got {type(row).__name__}")
+            raise DataError(f"{where}: the row is a JSON {JSON_TYPES.get(type(row), 'value')}, expected an object "
+                            "with question and answer")
         for key in ("question", "answer"):
             if not isinstance(row.get(key), str) or not row[key].strip():
                 got = "missing" if row.get(key) is None else f"{type(row[key]).__name__} {row[key]!r:.40}"
@@ -959,14 +1068,14 @@ def score_gsm8k(completions: list, references: list, format: str = "harness") ->
 
 
 # ----------------------------------------------------------------------------- command line
+# `python data.py show ...` and `python data.py download ...`, behind one error boundary.
 
 def _show(args):
     if args.spec == "embedded":
         records, _, tok = embedded_dataset(args.seed, n_train=max(args.limit, 1), n_eval=1, digits=args.digits)
         tok = load_tokenizer(args.tokenizer) if args.tokenizer else tok
         examples, dropped = fit_length(encode_many(records, tok), args.seq_len, args.truncate)
-        print(f"{len(examples)} examples; {dropped} dropped as {'cut to' if args.truncate else 'longer than'} "
-              f"{args.seq_len} tokens")
+        print(describe_fit(len(examples), dropped, args.seq_len, args.truncate))
     else:
         if not args.tokenizer:
             raise DataError("show needs --tokenizer MODEL_DIR for a data file (token counts depend on it)")
@@ -974,15 +1083,54 @@ def _show(args):
         if tok.added_tags:
             print(f"(added to the tokenizer: {' '.join(tok.added_tags)}; {len(tok)} embedding rows needed)")
         examples = load_dataset(args.spec, tok, args.seq_len, args.seed, args.skip_bad, args.truncate)
-    try:
-        cfg = MaskConfig(args.mode, args.input_mask, args.label_mask, args.answer_only, args.mask_with)
-    except ValueError as e:
-        raise DataError(str(e)) from None
+    cfg = MaskConfig(args.mode, args.input_mask, args.label_mask, args.answer_only, args.mask_with)
     print(LEGEND)
     for index in range(min(args.limit, len(examples))):
         item = mask_example(examples[index], tok, cfg, args.seed, args.epoch, index)
         print(f"\n--- example {index} (mode {cfg.mode}, seed {args.seed}, epoch {args.epoch}) "
               + render(examples[index], tok, item))
+
+
+def _out_dir_problem(out: str):
+    """Why `out` cannot become the output directory, or None: the nearest part of it that exists decides."""
+    existing = Path(out).expanduser()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
+def _flag_value(args, flag: str):
+    return getattr(args, flag[2:].replace("-", "_"))
+
+
+def _flag_problem(args):
+    """'--flag value: why' for the first flag out of range, or None; checked before any work starts."""
+    if args.command == "show":
+        checks = [("--limit", args.limit >= 0, "must be >= 0"),
+                  ("--seq-len", args.seq_len >= 1, "must be >= 1"),
+                  ("--digits", args.digits >= 1, "must be >= 1"),
+                  ("--epoch", args.epoch >= 0, "must be >= 0"),
+                  ("--seed", 0 <= args.seed < 2 ** 32, "must be in [0, 2**32)")]
+        for flag in ("--input-mask", "--label-mask", "--answer-only"):
+            checks.append((flag, 0 <= _flag_value(args, flag) <= 1, "must be a probability in [0, 1]"))
+    else:
+        url = urllib.parse.urlparse(args.endpoint)
+        out_problem = _out_dir_problem(args.out)
+        checks = [("--retries", args.retries >= 0, "must be >= 0"),
+                  ("--timeout", 0 < args.timeout < math.inf, "must be a number of seconds > 0"),
+                  ("--backoff", 0 <= args.backoff < math.inf, "must be a number of seconds >= 0"),
+                  ("--endpoint", url.scheme in ("http", "https") and bool(url.netloc), "must be an http(s) URL"),
+                  ("--out", out_problem is None, out_problem)]
+    return next((f"{flag} {_flag_value(args, flag)}: {why}" for flag, ok, why in checks if not ok), None)
+
+
+def _fail(message: str, code: int):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
 
 
 def main(argv=None):
@@ -992,33 +1140,43 @@ def main(argv=None):
     show.add_argument("spec", help="a data file, a mixture spec (a.jsonl,b.jsonl:1000), or 'embedded'")
     show.add_argument("--tokenizer", help="model directory (or tokenizer.json); default for 'embedded': its own")
     show.add_argument("--limit", type=int, default=3, help="how many examples to print")
-    show.add_argument("--mode", default="remask", choices=MODES)
+    show.add_argument("--mode", default=MaskConfig.mode, choices=MODES)
     show.add_argument("--seed", type=int, default=0, help="sampling and masking seed")
     show.add_argument("--epoch", type=int, default=0, help="epoch whose masks to show")
     show.add_argument("--seq-len", type=int, default=256, help="longer examples are dropped")
     show.add_argument("--truncate", action="store_true", help="cut long examples instead of dropping them")
     show.add_argument("--skip-bad", action="store_true", help="skip (and count) rows that fail to parse")
-    show.add_argument("--input-mask", type=float, default=0.4)
-    show.add_argument("--label-mask", type=float, default=0.1)
-    show.add_argument("--answer-only", type=float, default=0.1)
-    show.add_argument("--mask-with", default="mask", choices=["mask", "random"])
+    show.add_argument("--input-mask", type=float, default=MaskConfig.input_mask)
+    show.add_argument("--label-mask", type=float, default=MaskConfig.label_mask)
+    show.add_argument("--answer-only", type=float, default=MaskConfig.answer_only)
+    show.add_argument("--mask-with", default=MaskConfig.mask_with, choices=["mask", "random"])
     show.add_argument("--digits", type=int, default=3, help="operand digits of the embedded task")
     get = sub.add_parser("download", help="fetch datasets through the Hugging Face dataset viewer API")
     get.add_argument("name", choices=[*DATASETS, "all"])
-    get.add_argument("--out", default="data", help="output directory (files: NAME.jsonl, gsm8k-{train,test}.jsonl)")
+    get.add_argument("--out", default="data",
+                     help="output directory (files: NAME.jsonl, gsm8k-{train,test}.jsonl), made if missing")
     get.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help="dataset viewer base URL")
     get.add_argument("--retries", type=int, default=6, help="retries per request (exponential back-off)")
     get.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds, doubled each time")
     get.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
     get.add_argument("--force", action="store_true", help="fetch again even if the file exists")
     args = parser.parse_args(argv)
+    # one error boundary: bad flags exit 2 (as argparse's own errors), failures of the work exit 1
     try:
+        problem = _flag_problem(args)
+        if problem:
+            _fail(problem, 2)
         if args.command == "show":
             _show(args)
         else:
             download(args.name, args.out, args.endpoint, args.retries, args.backoff, args.timeout, args.force)
-    except (DataError, DownloadError) as e:
-        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except (DataError, DownloadError, ValueError) as e:
+        _fail(str(e), 1)
+    except OSError as e:
+        _fail(f"{e.filename}: {e.strerror}" if e.filename else str(e), 1)
 
 
 if __name__ == "__main__":

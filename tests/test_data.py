@@ -3,7 +3,9 @@
 Property tests draw random records (unicode, whitespace runs, newlines, digits) from seeds and check invariants
 that follow from the format's definition, against the tokenizers library's own encoding of the whole string."""
 import json
+import os
 import random
+import stat
 
 import pytest
 import torch
@@ -92,6 +94,25 @@ def test_save_reload_round_trip(neox, tmp_path):
     assert again.encode(text) == neox.encode(text)
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002])
+def test_written_files_follow_the_umask(neox, tmp_path, umask):
+    """atomic_write (tokenizer.json, the embedded tokenizer cache, remask's logs and loss.svg) gives 0666 less the
+    umask, as open() does, not mkstemp's 0600; replacing a file gives the new file that mode too."""
+    old = os.umask(umask)
+    try:
+        (tmp_path / "old.txt").write_text("x")
+        os.chmod(tmp_path / "old.txt", 0o600)
+        data.atomic_write(tmp_path / "old.txt", "new")
+        paths = [tmp_path / "old.txt", neox.save(tmp_path / "model"), tmp_path / "plain.txt"]
+        paths[2].write_text("open() for comparison")
+        data.embedded_tokenizer(tmp_path / "cache")
+        paths += list((tmp_path / "cache").iterdir())
+    finally:
+        os.umask(old)
+    assert [stat.S_IMODE(p.stat().st_mode) for p in paths] == [0o666 & ~umask] * 4
+    assert (tmp_path / "old.txt").read_text() == "new" and len(paths) == 4
+
+
 def test_tokenizer_errors(tmp_path):
     with pytest.raises(data.DataError, match="tokenizer.json: not found"):
         data.load_tokenizer(tmp_path)
@@ -143,6 +164,19 @@ def test_encoding_equals_whole_string_encoding(tok, seed):
     for record, ex in zip(records, data.encode_many(records, tok)):
         assert ex.ids.tolist() == tok.tk.encode(data.format_record(record), add_special_tokens=False).ids
         assert len(ex.roles) == len(ex.targets) == len(ex.ids)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_roles_equal_the_plain_loop_of_the_docstring(tok, seed):
+    """encode_many's reduceat computes, per token, the max role and any-target over the characters it covers."""
+    records = random_records(seed)
+    for record, ex in zip(records, data.encode_many(records, tok)):
+        segments = data._segments(record)
+        char_role = [role for text, role, _ in segments for _ in text]
+        char_target = [target for text, _, target in segments for _ in text]
+        offsets = tok._spans.encode(data.format_record(record), add_special_tokens=False).offsets
+        assert ex.roles.tolist() == [max(char_role[start:end]) for start, end in offsets]
+        assert ex.targets.tolist() == [any(char_target[start:end]) for start, end in offsets]
 
 
 def _fields(record):

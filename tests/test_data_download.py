@@ -101,9 +101,10 @@ def test_interrupted_download_resumes_where_it_stopped(viewer, tmp_path):
     rows = tinycot_rows(420)
     viewer.tables[("euclaise/TinyCoT", "default", "train")] = rows
     viewer.down_from = 300  # the server fails for good after three pages: the run gives up
-    with pytest.raises(data.DownloadError, match=r"offset=300.*gave up after 4 attempts \(HTTP 503"):
-        fetch(viewer, "tinycot", tmp_path)
     partial = tmp_path / "tinycot.jsonl.partial"
+    with pytest.raises(data.DownloadError, match=r"offset=300.*gave up after 4 attempts \(HTTP 503") as error:
+        fetch(viewer, "tinycot", tmp_path)
+    assert str(error.value).endswith(f"(300 rows are kept in {partial}; the same command resumes after them)")
     assert not (tmp_path / "tinycot.jsonl").exists() and read_lines(partial) == rows[:300]
     with open(partial, "ab") as f:  # and the process died in the middle of writing a line
         f.write(b'{"prompt": "What is 300+')
@@ -123,6 +124,13 @@ def test_truncated_cells_are_refused_naming_the_rows(viewer, tmp_path):
         fetch(viewer, "reddit", tmp_path)
     assert not (tmp_path / "reddit.jsonl").exists()
     assert len(read_lines(tmp_path / "reddit.jsonl.partial")) == 130  # only whole rows are kept
+    with pytest.raises(data.DownloadError, match=r"truncated row 130") as error:  # the same fault again
+        fetch(viewer, "reddit", tmp_path)
+    assert str(error.value).endswith(f"(130 rows are kept in {tmp_path / 'reddit.jsonl.partial'})")  # no resume
+    viewer.truncated = {0: ["comment_text"]}
+    with pytest.raises(data.DownloadError, match=r"truncated row 0 \(comment_text\)"):
+        fetch(viewer, "reddit", tmp_path / "first")
+    assert list((tmp_path / "first").iterdir()) == []  # nothing fetched, no .partial
 
 
 def test_gsm8k_splits_and_client_errors(viewer, tmp_path):
@@ -155,6 +163,56 @@ def test_download_command_all(viewer, tmp_path, capsys):
     data.main(["download", "oasst2", "--out", str(tmp_path), "--endpoint", viewer.endpoint, "--force"])
     assert len(read_lines(tmp_path / "oasst2.jsonl")) == 5
     viewer.down_from = 0
-    with pytest.raises(SystemExit, match="error: .*gave up after 1 attempts"):
+    with pytest.raises(SystemExit) as exit:
         data.main(["download", "tinycot", "--out", str(tmp_path / "new"), "--endpoint", viewer.endpoint,
                    "--retries", "0"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 1 and err.startswith("error: ") and err.count("\n") == 1
+    assert err.endswith("gave up after 1 attempts (HTTP 503 Service unavailable)\n")  # nothing kept, nothing said
+    assert list((tmp_path / "new").iterdir()) == []  # no empty .partial left behind
+
+
+SEPARATORS = "\u2028 \u2029 \u0085 \x1c \x1d \x1e \x0b \x0c"  # all line breaks to str.splitlines()
+
+
+def test_rows_with_unicode_line_separators_read_back(viewer, tmp_path):
+    """json.dumps(ensure_ascii=False) writes U+2028, U+2029 and U+0085 raw inside strings; the downloader's files
+    must read back row for row with read_records and read_gsm8k."""
+    tinycot = [dict(row, rationale=row["rationale"] + SEPARATORS) for row in tinycot_rows(5)]
+    gsm8k = [{"question": f"q{i}{SEPARATORS}?", "answer": f"{SEPARATORS}#### {i}"} for i in range(3)]
+    viewer.tables[("euclaise/TinyCoT", "default", "train")] = tinycot
+    viewer.tables[("openai/gsm8k", "main", "train")] = gsm8k
+    viewer.tables[("openai/gsm8k", "main", "test")] = gsm8k
+    fetch(viewer, "tinycot", tmp_path)
+    fetch(viewer, "gsm8k", tmp_path)
+    assert "\u2028" in (tmp_path / "tinycot.jsonl").read_text(encoding="utf-8")  # written raw, not escaped
+    records, bad, _ = data.read_records(tmp_path / "tinycot.jsonl")
+    assert bad == 0 and records == [data.parse_row(row) for row in tinycot]
+    assert data.read_gsm8k(tmp_path / "gsm8k-test.jsonl") == [data.GSM8KProblem(r["question"], r["answer"])
+                                                              for r in gsm8k]
+
+
+def test_ctrl_c_keeps_only_a_partial_file_with_rows(viewer, tmp_path, monkeypatch):
+    viewer.tables[("euclaise/TinyCoT", "default", "train")] = tinycot_rows(250)
+    real_get_json, calls = data._get_json, []
+
+    def interrupted_at(page):
+        def get_json(*args):
+            calls.append(1)
+            if len(calls) > page:
+                raise KeyboardInterrupt
+            return real_get_json(*args)
+        return get_json
+
+    monkeypatch.setattr(data, "_get_json", interrupted_at(0))
+    with pytest.raises(KeyboardInterrupt):
+        fetch(viewer, "tinycot", tmp_path)
+    assert list(tmp_path.iterdir()) == []  # no empty .partial
+    calls.clear()
+    monkeypatch.setattr(data, "_get_json", interrupted_at(2))
+    logs = []
+    with pytest.raises(KeyboardInterrupt):
+        fetch(viewer, "tinycot", tmp_path, log=logs.append)
+    partial = tmp_path / "tinycot.jsonl.partial"
+    assert logs[-1] == f"tinycot.jsonl: 200 rows are kept in {partial}; the same command resumes after them"
+    assert len(read_lines(partial)) == 200

@@ -1,10 +1,13 @@
 """data.py readers: the three real schemas from hand-written rows, mixtures, bad input, and `data.py show`."""
 import json
+import os
 
 import pytest
 
 import data
 from conftest import FIXTURES
+
+NEOX = FIXTURES / "gpt-neox-20b-tokenizer"
 
 TINYCOT = {"prompt": "What is 2+3?", "rationale": "2+3 means adding 3 to 2.\nThat is 5.", "target": "5",
            "source": "hand"}
@@ -17,6 +20,7 @@ OASST = {"messages": [{"role": "user", "content": "Hi!"}, {"role": "assistant", 
 
 
 def write_jsonl(path, rows):
+    """One line per row: a str is written as it is (a raw line), anything else as JSON."""
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path
 
@@ -70,7 +74,10 @@ def test_json_array_files_and_blank_lines(tmp_path):
     ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant"}]},
      "missing field 'messages\\[1\\].content'"),
     ({"messages": [{"role": "user", "content": "a"}, "b"]}, "messages\\[1\\] must be an object"),
-    (["not", "an", "object"], "must be a JSON object, got list"),
+    (["not", "an", "object"], "the row is a JSON array, expected an object"),
+    ('"just text"', "the row is a JSON string, expected an object"),
+    (7, "the row is a JSON number, expected an object"),
+    (None, "the row is a JSON null, expected an object"),
 ])
 def test_bad_rows_name_file_line_and_field(tmp_path, row, message):
     path = write_jsonl(tmp_path / "rows.jsonl", [TINYCOT, row])
@@ -112,8 +119,53 @@ def test_mixture_samples_with_the_seed(tmp_path):
         data.read_mixture(f"{tmp_path}/cot.jsonl,,")
 
 
+@pytest.mark.parametrize("content,count,message", [
+    ("", "", "d.jsonl: an empty file, no rows"),
+    ("\n  \n\t\n", "", "d.jsonl: only blank lines, no rows"),
+    ("\ufeff", "", "d.jsonl: an empty file, no rows"),  # only a byte-order mark
+    ("[]\n", "", "d.jsonl: an empty JSON array, no rows"),
+    ('{"broken\n[1]\n', "", r"d.jsonl: all 2 rows are bad \(first: .*d.jsonl:1: malformed JSON"),
+    (json.dumps(TINYCOT) + "\n", ":0", r"d.jsonl: the spec 'd.jsonl:0' asks for 0 rows"),
+    ('["q", "a"]\n["r", "b"]\n', "", r"d.jsonl:1: the row is a JSON array, expected an object"),
+])
+def test_a_file_without_rows_says_why(tmp_path, monkeypatch, content, count, message):
+    """An empty, blank or all-bad file and a ':0' spec each name their own cause (not 'no examples left'),
+    and JSON Lines whose rows are arrays are read line by line, not as one JSON array."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.jsonl").write_text(content, encoding="utf-8")
+    with pytest.raises(data.DataError, match=message):
+        data.read_mixture("d.jsonl" + count, skip_bad=True, log=lambda m: None)
+
+
+@pytest.mark.parametrize("text,rows", [
+    ('[{"a": 1},\n {"a": 2}]\n', [{"a": 1}, {"a": 2}]),  # an array over several lines
+    ('[{"a": 1}, {"a": 2}]', [{"a": 1}, {"a": 2}]),  # an array on one line
+    ('  \n[\n{"a": 1}\n]\n', [{"a": 1}]),  # blank lines before it
+    ('[1, 2]\n{"a": 1}\n', None),  # a whole value on the first line, then more: JSON Lines
+    ('{"a": 1}\n[1]\n', None),
+])
+def test_json_array_or_json_lines(text, rows):
+    assert data._is_json_array(text) == (rows is not None)
+    if rows is not None:
+        assert json.loads(text) == rows
+
+
+def test_a_directory_is_not_a_data_file(tmp_path):
+    with pytest.raises(data.DataError, match=f"^{tmp_path}: is a directory, expected a file$"):
+        data.read_records(tmp_path)
+
+
+@pytest.mark.parametrize("kept,dropped,seq_len,truncate,line", [
+    (2, 1, 256, False, "2 examples; 1 dropped as longer than 256 tokens"),
+    (0, 5, 8, False, "0 examples; 5 dropped as longer than 8 tokens"),
+    (7, 0, 64, True, "7 examples (longer ones cut to 64 tokens); 0 dropped as left without labels"),
+])
+def test_describe_fit(kept, dropped, seq_len, truncate, line):
+    assert data.describe_fit(kept, dropped, seq_len, truncate) == line
+
+
 def test_load_dataset_reports_skipped_and_dropped(tmp_path):
-    tok = data.load_tokenizer(FIXTURES / "gpt-neox-20b-tokenizer")
+    tok = data.load_tokenizer(NEOX)
     long = dict(TINYCOT, rationale=" ".join(["word"] * 300))
     write_jsonl(tmp_path / "d.jsonl", [TINYCOT, long, '{"broken', REDDIT])
     log = []
@@ -126,7 +178,7 @@ def test_load_dataset_reports_skipped_and_dropped(tmp_path):
 def test_show_command(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the embedded tokenizer's cache
     write_jsonl(tmp_path / "d.jsonl", [TINYCOT, OASST])
-    data.main(["show", str(tmp_path / "d.jsonl"), "--tokenizer", str(FIXTURES / "gpt-neox-20b-tokenizer"),
+    data.main(["show", str(tmp_path / "d.jsonl"), "--tokenizer", str(NEOX),
                "--mode", "sft"])
     out = capsys.readouterr().out
     assert "added to the tokenizer: <|user|> <|assistant|> <|rationale|> <|answer|> <|mask|>; 50282" in out
@@ -136,13 +188,79 @@ def test_show_command(tmp_path, capsys, monkeypatch):
     data.main(["show", "embedded", "--limit", "1", "--digits", "2"])
     assert "--- example 0 (mode remask" in capsys.readouterr().out
     assert list((tmp_path / "cache" / "remask").iterdir())
-    with pytest.raises(SystemExit, match="show needs --tokenizer"):
-        data.main(["show", str(tmp_path / "d.jsonl")])
+    assert run_cli(["show", str(tmp_path / "d.jsonl")], capsys)[::2] == \
+        (1, "error: show needs --tokenizer MODEL_DIR for a data file (token counts depend on it)\n")
     write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p"}])
-    with pytest.raises(SystemExit, match="bad.jsonl:1: unknown schema"):
-        data.main(["show", str(tmp_path / "bad.jsonl"), "--tokenizer", str(FIXTURES / "gpt-neox-20b-tokenizer")])
+    code, _, err = run_cli(["show", str(tmp_path / "bad.jsonl"), "--tokenizer", str(NEOX)], capsys)
+    assert code == 1 and err.startswith(f"error: {tmp_path}/bad.jsonl:1: unknown schema")
     for argv in (["--help"], ["show", "--help"], ["download", "--help"]):
         with pytest.raises(SystemExit) as exit:
             data.main(argv)
         assert exit.value.code == 0
     assert "--endpoint" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def small_home(tmp_path_factory):
+    """A cache holding the embedded tokenizer (trained once here) and a model directory with its tokenizer.json."""
+    home = tmp_path_factory.mktemp("small")
+    data.embedded_tokenizer(home / "cache" / "remask").save(home / "model")
+    return home
+
+
+def run_cli(argv, capsys):
+    """(exit code, stdout, stderr) of `data.py ARGV` run in this process: a traceback would fail the test."""
+    with pytest.raises(SystemExit) as exit:
+        data.main(argv)
+    out, err = capsys.readouterr()
+    return exit.value.code, out, err
+
+
+@pytest.mark.parametrize("argv,code,message", [
+    (["show", "embedded", "--digits", "0"], 2, "--digits 0: must be >= 1"),
+    (["show", "embedded", "--limit", "-1"], 2, "--limit -1: must be >= 0"),
+    (["show", "embedded", "--seq-len", "0"], 2, "--seq-len 0: must be >= 1"),
+    (["show", "embedded", "--epoch", "-2"], 2, "--epoch -2: must be >= 0"),
+    (["show", "embedded", "--seed", "-1"], 2, "--seed -1: must be in [0, 2**32)"),
+    (["show", "embedded", "--seed", str(2 ** 32)], 2, f"--seed {2 ** 32}: must be in [0, 2**32)"),
+    (["show", "embedded", "--input-mask", "1.5"], 2, "--input-mask 1.5: must be a probability in [0, 1]"),
+    (["show", "embedded", "--label-mask", "-0.1"], 2, "--label-mask -0.1: must be a probability in [0, 1]"),
+    (["show", "embedded", "--answer-only", "nan"], 2, "--answer-only nan: must be a probability in [0, 1]"),
+    (["download", "tinycot", "--out", "{file}"], 2, "--out {file}: {file} is a file, not a directory"),
+    (["download", "tinycot", "--out", "{file}/sub/dir"], 2, "--out {file}/sub/dir: {file} is a file, not a directory"),
+    (["download", "tinycot", "--out", "{tmp}", "--retries", "-1"], 2, "--retries -1: must be >= 0"),
+    (["download", "tinycot", "--out", "{tmp}", "--timeout", "0"], 2, "--timeout 0.0: must be a number of seconds > 0"),
+    (["download", "tinycot", "--out", "{tmp}", "--timeout", "inf"], 2, "--timeout inf: must be a number of seconds"),
+    (["download", "tinycot", "--out", "{tmp}", "--backoff", "-1"], 2, "--backoff -1.0: must be a number of seconds"),
+    (["download", "tinycot", "--out", "{tmp}", "--endpoint", "ftp://x"], 2, "--endpoint ftp://x: must be an http(s)"),
+    (["download", "tinycot", "--out", "{tmp}", "--endpoint", "localhost"], 2, "--endpoint localhost: must be an"),
+    (["show", "{tmp}/missing.jsonl", "--tokenizer", "{tok}"], 1, "{tmp}/missing.jsonl: no such file"),
+    (["show", "{tmp}", "--tokenizer", "{tok}"], 1, "{tmp}: is a directory, expected a file"),
+    (["show", "{file}", "--tokenizer", "{tok}"], 1, "{file}: an empty file, no rows"),
+    (["show", "{file}:0", "--tokenizer", "{tok}"], 1, "{file}: the spec '{file}:0' asks for 0 rows"),
+    (["show", "embedded", "--tokenizer", "{tmp}"], 1, "{tmp}/tokenizer.json: not found"),
+])
+def test_bad_flags_and_files_give_one_error_line(tmp_path, capsys, monkeypatch, small_home, argv, code, message):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(small_home / "cache"))
+    (tmp_path / "empty.jsonl").write_text("")
+    names = dict(tmp=tmp_path, file=tmp_path / "empty.jsonl", tok=small_home / "model")
+    got, out, err = run_cli([a.format(**names) for a in argv], capsys)
+    assert got == code and (code == 1 or out == "")  # a bad flag stops before any work
+    assert err.startswith("error: " + message.format(**names)) and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == [tmp_path / "empty.jsonl"]  # nothing written
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_download_into_an_unwritable_directory(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    code, _, err = run_cli(["download", "tinycot", "--out", str(locked / "data")], capsys)
+    assert code == 2 and err == f"error: --out {locked / 'data'}: {locked} is not writable\n"
+
+
+def test_ctrl_c_exits_130_with_one_line(capsys, monkeypatch):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data, "_show", interrupted)
+    assert run_cli(["show", "embedded"], capsys) == (130, "", "interrupted\n")

@@ -1,6 +1,7 @@
 """data.py GSM8K evaluation: the lm-evaluation-harness gsm8k.yaml v3.0 prompt, stop strings, filters and score.
 
-Expected values are worked by hand from the harness's rules (REFERENCE.md section 8); the properties restate
+Expected values are worked by hand from the harness's rules (lm-evaluation-harness 0.4.13: lm_eval/tasks/gsm8k/
+gsm8k.yaml, filters/extraction.py, api/metrics.py, api/samplers.py); the properties restate
 those rules independently (earliest stop string, sample std with n-1) and check them on seeded random cases.
 """
 import json
@@ -288,7 +289,7 @@ def test_read_round_trip(tmp_path):
 
 @pytest.mark.parametrize("lines,message", [
     (['{"question": "q", "answer": "#### 1"}', '{"question": "q", '], r"gsm8k.jsonl:2: malformed JSON"),
-    (['["q", "#### 1"]'], r"gsm8k.jsonl:1: a row must be a JSON object"),
+    (['["q", "#### 1"]'], r"gsm8k.jsonl:1: the row is a JSON array, expected an object with question and"),
     (['{"question": "q"}'], r":1: field 'answer' must be a non-empty string, got missing"),
     (['{"question": 5, "answer": "#### 5"}'], r":1: field 'question' must be a non-empty string, got int 5"),
     (['{"question": "  ", "answer": "#### 5"}'], r":1: field 'question' must be a non-empty string"),
