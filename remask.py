@@ -799,7 +799,7 @@ def accumulate_gradients(runner, batches, mode, kl_weight, device, autocast, ddp
 # holds the size and CRC-32 of every other file: --resume verifies the newest checkpoint and falls back to the
 # newest intact one, so a checkpoint truncated or overwritten since it was written is never trained on. CRC-32
 # because it guards against accidents (torn writes, bit rot, stray bytes), not forgery, and costs little next to
-# writing the 3B's ~45 GB (README, "Reliability": measured against SHA-256, SHA-1, MD5 and BLAKE2).
+# writing the 3B's ~56 GB of state (the README has the cost measured against SHA-256, SHA-1, MD5 and BLAKE2b).
 
 CHECKPOINT = re.compile(r"step-(\d{6,})")
 CHECKSUMS = "checksums.json"
@@ -846,25 +846,25 @@ def write_checksums(directory):
 
 
 def verify_checkpoint(path) -> list:
-    """What is wrong with a checkpoint, one phrase per damaged file; empty if every file is as it was written."""
+    """What is wrong with a checkpoint, 'file: what' per damaged file; empty if every file is as it was written."""
     path = Path(path)
     try:
         recorded = json.loads((path / CHECKSUMS).read_text())["files"]
         sizes = {name: int(entry["size"]) for name, entry in recorded.items()}
     except FileNotFoundError:
-        return [f"{CHECKSUMS} is missing (its save did not finish)"]
+        return [f"{CHECKSUMS}: missing"]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        return [f"{CHECKSUMS} is unreadable ({type(e).__name__}: {e})"]
-    problems = [f"{name} is not recorded in {CHECKSUMS}" for name in ("trainer.pt", "model/config.json")
+        return [f"{CHECKSUMS}: unreadable ({type(e).__name__}: {e})"]
+    problems = [f"{name}: not recorded in {CHECKSUMS}" for name in ("trainer.pt", "model/config.json")
                 if name not in sizes]
     for name, size in sizes.items():
         file = path / name
         if not file.is_file():
-            problems.append(f"{name} is missing")
+            problems.append(f"{name}: missing")
         elif file.stat().st_size != size:  # truncation shows without reading the file
-            problems.append(f"{name} has {file.stat().st_size} bytes, {size} were written")
+            problems.append(f"{name}: {file.stat().st_size} bytes, {size} were written")
         elif file_checksum(file) != recorded[name]:
-            problems.append(f"{name} differs from what was written (CRC-32 mismatch)")
+            problems.append(f"{name}: not the bytes that were written (CRC-32)")
     return problems
 
 

@@ -77,12 +77,17 @@ def assert_same_weights(out, reference):
 def saves_of(out):
     return [p.name for p in remask.checkpoints(out)]
 
+
+def save_fresh(out):
+    """Checkpoint 1 of a fresh debug model, without training."""
+    model = remask.StableLM(remask.Config.named("debug"))
+    return remask.save_checkpoint(out, 1, model, data.embedded_tokenizer(), remask.Lilith(model.parameters(), lr=1e-3),
+                                  tiny(out), keep=1, data=remask.data_fingerprint([]))
+
 # ----------------------------------------------------------------------------- what a checkpoint holds
 
 
 def test_checksums_record_every_file_and_are_written_last(tmp_path, monkeypatch):
-    model = remask.StableLM(remask.Config.named("debug"))
-    optimizer = remask.Lilith(model.parameters(), lr=1e-3)
     real = remask.write_checksums
 
     def checked(directory):  # everything else is in place when the checksums are written
@@ -90,8 +95,7 @@ def test_checksums_record_every_file_and_are_written_last(tmp_path, monkeypatch)
         assert not (directory / "checksums.json").exists()
         real(directory)
     monkeypatch.setattr(remask, "write_checksums", checked)
-    path = remask.save_checkpoint(tmp_path, 7, model, data.embedded_tokenizer(), optimizer, tiny(tmp_path), keep=1,
-                                  data=remask.data_fingerprint([]))
+    path = save_fresh(tmp_path)
     recorded = json.loads((path / "checksums.json").read_text())["files"]
     held = {f.relative_to(path).as_posix() for f in path.rglob("*") if f.is_file()}
     assert set(recorded) == held - {"checksums.json"} and set(FILES) - {"checksums.json"} <= held
@@ -103,11 +107,9 @@ def test_checksums_record_every_file_and_are_written_last(tmp_path, monkeypatch)
 
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o027])
 def test_checkpoints_follow_the_umask(tmp_path, umask):
-    model = remask.StableLM(remask.Config.named("debug"))
     previous = os.umask(umask)
     try:
-        path = remask.save_checkpoint(tmp_path, 1, model, data.embedded_tokenizer(), remask.Lilith(model.parameters(), lr=1e-3),
-                                      tiny(tmp_path), keep=1, data=remask.data_fingerprint([]))
+        path = save_fresh(tmp_path)
     finally:
         os.umask(previous)
     for p in [path, *path.rglob("*")]:
@@ -141,7 +143,7 @@ def test_a_damaged_file_falls_back_to_the_previous_checkpoint(tmp_path, base, na
     damage(newest / name, how)
     lines = []
     assert remask.find_resume_checkpoint(cfg.out, lines.append).name == "step-000002"
-    assert len(lines) == 1 and "step-000003" in lines[0] and name in lines[0], lines
+    assert len(lines) == 1 and "step-000003" in lines[0] and f"({name}: " in lines[0], lines
 
 
 def test_garbage_in_the_weights_is_skipped_and_the_resumed_run_is_bit_exact(tmp_path, base, straight):
@@ -151,7 +153,7 @@ def test_garbage_in_the_weights_is_skipped_and_the_resumed_run_is_bit_exact(tmp_
     lines = []
     summary = remask.train(replace(cfg, resume=True, stop_at=0), log=lines.append)
     skipped = [line for line in lines if "skipping" in line]
-    assert len(skipped) == 1 and "step-000003" in skipped[0] and "model/model.safetensors" in skipped[0]
+    assert len(skipped) == 1 and "step-000003 (model/model.safetensors: not the bytes that were written" in skipped[0]
     assert any("resumed from" in line and line.endswith("step-000002 at step 2") for line in lines)
     assert summary["step"] == 4 and remask.verify_checkpoint(remask.checkpoints(cfg.out)[-1]) == []
     assert_same_weights(cfg.out, straight)
@@ -183,8 +185,8 @@ def test_no_intact_checkpoint_is_refused_listing_each(tmp_path, base, capsys):
     message = str(exit_.value.code)
     assert message.startswith("error: --resume: no intact checkpoint") and "\n" not in message
     assert "Traceback" not in capsys.readouterr().err
-    for path, problem in ((third, r"model/tokenizer\.json has \d+ bytes, \d+ were written"),
-                          (second, r"checksums\.json is missing"), (first, r"trainer\.pt has 0 bytes")):
+    for path, problem in ((third, r"model/tokenizer\.json: \d+ bytes, \d+ were written"),
+                          (second, r"checksums\.json: missing"), (first, r"trainer\.pt: 0 bytes")):
         assert re.search(f"{path.name}: {problem}", message), message
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*") if p.name != "train.log"} == \
         {p: t for p, t in before.items() if p.name != "train.log"}  # nothing touched
