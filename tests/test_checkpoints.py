@@ -149,7 +149,10 @@ def test_a_damaged_file_falls_back_to_the_previous_checkpoint(tmp_path, base, na
 def test_garbage_in_the_weights_is_skipped_and_the_resumed_run_is_bit_exact(tmp_path, base, straight):
     """4 KB of finite garbage in the newest weights once trained to the end unnoticed."""
     cfg = copy_run(base, tmp_path)
-    damage(remask.checkpoints(cfg.out)[-1] / "model" / "model.safetensors", "garbage")
+    newest = remask.checkpoints(cfg.out)[-1]
+    damage(newest / "model" / "model.safetensors", "garbage")
+    loaded = remask.StableLM.from_pretrained(newest / "model")  # loads, and every weight is finite
+    assert all(p.isfinite().all() for p in loaded.parameters())
     lines = []
     summary = remask.train(replace(cfg, resume=True, stop_at=0), log=lines.append)
     skipped = [line for line in lines if "skipping" in line]
