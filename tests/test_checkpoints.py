@@ -221,56 +221,80 @@ def test_rotation_keeps_the_checkpoint_just_written_over_damaged_later_ones(tmp_
 # ----------------------------------------------------------------------------- kill -9 during a save
 
 
-CHILD = """
-import os, signal, sys
+# A server process imports remask once and forks a child per run (a fork of a process that never ran torch's
+# thread pools is safe): each child patches itself to SIGKILL itself at one stage of the save of step 3.
+SERVER = """
+import json, os, signal, sys, traceback
 sys.path.insert(0, sys.argv[1])
 import remask
-stage, settings = sys.argv[2], remask.json.loads(sys.argv[3])
-saving = ".step-000003."  # the kill comes during the save of step 3 (temporary directory's name)
+saving = ".step-000003."  # the temporary directory of the save of step 3
 
 
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-real_save, real_checksums, real_rmtree = remask.torch.save, remask.write_checksums, remask.shutil.rmtree
+def run(stage, settings):
+    real_save, real_checksums, real_rmtree = remask.torch.save, remask.write_checksums, remask.shutil.rmtree
+
+    def save(obj, file, *args, **kwargs):
+        if stage == "model/ written" and saving in str(file):
+            die()
+        real_save(obj, file, *args, **kwargs)
+        if stage == "trainer.pt written" and saving in str(file):
+            die()
+
+    def write_checksums(directory):
+        real_checksums(directory)
+        if stage == "checksums.json half written" and saving in str(directory):
+            text = (directory / "checksums.json").read_text()
+            (directory / "checksums.json").write_text(text[:len(text) // 2])
+            die()
+
+    def rmtree(path, *args, **kwargs):
+        if stage == "rotation" and path.name.startswith(".step-000001."):
+            next(f for f in path.rglob("*") if f.is_file()).unlink()  # part of the old checkpoint deleted
+            die()
+        real_rmtree(path, *args, **kwargs)
+
+    remask.torch.save, remask.write_checksums, remask.shutil.rmtree = save, write_checksums, rmtree
+    remask.train(remask.TrainConfig(**settings), log=lambda message: None)
 
 
-def save(obj, file, *args, **kwargs):
-    if stage == "model/ written" and saving in str(file):
-        die()
-    real_save(obj, file, *args, **kwargs)
-    if stage == "trainer.pt written" and saving in str(file):
-        die()
-
-
-def write_checksums(directory):
-    real_checksums(directory)
-    if stage == "checksums.json half written" and saving in str(directory):
-        text = (directory / "checksums.json").read_text()
-        (directory / "checksums.json").write_text(text[:len(text) // 2])
-        die()
-
-
-def rmtree(path, *args, **kwargs):
-    if stage == "rotation" and path.name.startswith(".step-000001."):
-        next(f for f in path.rglob("*") if f.is_file()).unlink()  # part of the old checkpoint deleted
-        die()
-    real_rmtree(path, *args, **kwargs)
-
-
-remask.torch.save, remask.write_checksums, remask.shutil.rmtree = save, write_checksums, rmtree
-remask.train(remask.TrainConfig(**settings), log=lambda message: None)
+for request in sys.stdin:
+    child = os.fork()
+    if child == 0:
+        signal.alarm(120)  # a hung child ends, and the test fails, rather than the suite hanging
+        try:
+            run(*json.loads(request))
+            os._exit(0)
+        except BaseException:
+            traceback.print_exc()
+            os._exit(1)
+    print(os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]), flush=True)
 """
+
+
+@pytest.fixture(scope="module")
+def killed_run():
+    """run(stage, cfg) -> the exit code of a training run killed at that stage (-9)."""
+    server = subprocess.Popen([sys.executable, "-c", SERVER, str(ROOT)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    def run(stage, cfg):
+        server.stdin.write(json.dumps([stage, asdict(cfg)]) + "\n")
+        server.stdin.flush()
+        return int(server.stdout.readline())
+    yield run
+    server.stdin.close()
+    server.wait(timeout=60)
 
 
 @pytest.mark.parametrize("stage, resumed_from", [("model/ written", 2), ("trainer.pt written", 2),
                                                  ("checksums.json half written", 2), ("rotation", 3)])
-def test_kill_at_each_stage_of_a_save_then_resume_is_bit_exact(tmp_path, straight, stage, resumed_from):
+def test_kill_at_each_stage_of_a_save_then_resume_is_bit_exact(tmp_path, straight, killed_run, stage, resumed_from):
     cfg = tiny(tmp_path, epochs=2, save_every=1, keep=2)
-    child = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), stage, json.dumps(asdict(cfg))],
-                           capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    assert killed_run(stage, cfg) == -signal.SIGKILL
     assert any(p.name.startswith(".step-") for p in (tmp_path / "run" / "checkpoints").iterdir())  # left behind
     lines = []
     summary = remask.train(replace(cfg, resume=True), log=lines.append)
