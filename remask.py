@@ -39,6 +39,7 @@ chunked losses with gradients computed in the forward pass as in Liger-Kernel (a
 1803.05457) as EleutherAI's lm-evaluation-harness runs them.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -51,6 +52,7 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -862,55 +864,173 @@ def accumulate_gradients(runner, batches, mode, kl_weight, device, autocast, ddp
     return loss_sum, part_sums
 
 # ----------------------------------------------------------------------------- checkpoints
-# out/checkpoints/step-000120/{model/ (Hugging Face directory, fp32, tokenizer.json), trainer.pt}. Written into
-# a hidden temporary directory and renamed when complete: a killed save leaves only a temporary directory, which
-# is ignored (and removed by the next save).
+# out/checkpoints/step-000120/{model/ (Hugging Face directory, fp32, tokenizer.json), trainer.pt, checksums.json}.
+# A checkpoint is filled in a hidden temporary directory and renamed into place when complete; a killed save leaves
+# only the temporary directory, which is ignored (and removed by the next save). checksums.json, written last,
+# holds the size and CRC-32 of every other file: --resume verifies the newest checkpoint and falls back to the
+# newest intact one, so a checkpoint truncated or overwritten since it was written is never trained on. CRC-32
+# because it guards against accidents (torn writes, bit rot, stray bytes), not forgery, and costs little next to
+# writing the 3B's ~56 GB of state (the README has the cost measured against SHA-256, SHA-1, MD5 and BLAKE2b).
 
 CHECKPOINT = re.compile(r"step-(\d{6,})")
+CHECKSUMS = "checksums.json"
+READ_CHUNK = 1 << 24  # bytes per read while checksumming: 16 MiB
 
 
 def checkpoints(out) -> list:
-    """Complete checkpoints in out/checkpoints, oldest first."""
+    """Checkpoint directories in out/checkpoints, oldest first, intact or not (verify_checkpoint tells)."""
     root = Path(out) / "checkpoints"
-    found = [p for p in root.iterdir() if CHECKPOINT.fullmatch(p.name) and (p / "trainer.pt").is_file()] \
-        if root.is_dir() else []
-    return sorted(found, key=lambda p: int(CHECKPOINT.fullmatch(p.name)[1]))
+    found = [p for p in root.iterdir() if CHECKPOINT.fullmatch(p.name) and p.is_dir()] if root.is_dir() else []
+    return sorted(found, key=checkpoint_step)
 
 
-def save_checkpoint(out, step, model, tok, optimizer, cfg, keep) -> Path:
+def checkpoint_step(path) -> int:
+    return int(CHECKPOINT.fullmatch(Path(path).name)[1])
+
+
+def data_fingerprint(examples) -> dict:
+    """What the run trains on: the number of encoded examples and a SHA-256 of their ids, roles, targets and kind,
+    in order. Kept in every checkpoint: the same --data path may hold other rows by the time of a --resume."""
+    digest = hashlib.sha256()
+    for ex in examples:
+        digest.update(np.array([len(ex.ids), ex.cot], dtype=np.int64).tobytes())  # where one example ends
+        for t in (ex.ids, ex.roles, ex.targets):
+            digest.update(t.numpy().tobytes())
+    return {"examples": len(examples), "sha256": digest.hexdigest()}
+
+
+def file_checksum(path) -> dict:
+    crc = size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(READ_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+            size += len(chunk)
+    return {"size": size, "crc32": f"{crc:08x}"}
+
+
+def write_checksums(directory):
+    """Record every file of a filled checkpoint in checksums.json: the last file written, the mark of a whole one."""
+    directory = Path(directory)
+    files = sorted(f.relative_to(directory).as_posix() for f in directory.rglob("*") if f.is_file())
+    record = {"files": {name: file_checksum(directory / name) for name in files if name != CHECKSUMS}}
+    (directory / CHECKSUMS).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def verify_checkpoint(path) -> list:
+    """What is wrong with a checkpoint, 'file: what' per damaged file; empty if every file is as it was written."""
+    path = Path(path)
+    try:
+        recorded = json.loads((path / CHECKSUMS).read_text())["files"]
+        sizes = {name: int(entry["size"]) for name, entry in recorded.items()}
+    except FileNotFoundError:
+        return [f"{CHECKSUMS}: missing"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return [f"{CHECKSUMS}: unreadable ({type(e).__name__}: {e})"]
+    problems = [f"{name}: not recorded in {CHECKSUMS}" for name in ("trainer.pt", "model/config.json")
+                if name not in sizes]
+    for name, size in sizes.items():
+        file = path / name
+        if not file.is_file():
+            problems.append(f"{name}: missing")
+        elif file.stat().st_size != size:  # truncation shows without reading the file
+            problems.append(f"{name}: {file.stat().st_size} bytes, {size} were written")
+        elif file_checksum(file) != recorded[name]:
+            problems.append(f"{name}: not the bytes that were written (CRC-32)")
+    return problems
+
+
+def find_resume_checkpoint(out, log) -> Path:
+    """The newest intact checkpoint in out. Each newer damaged one is named in one line with what is wrong; if
+    none is intact, the refusal lists them all."""
+    damaged = []
+    for path in reversed(checkpoints(out)):
+        problems = verify_checkpoint(path)
+        if not problems:
+            return path
+        damaged.append(f"{path.name}: {'; '.join(problems)}")
+        log(f"--resume: skipping the damaged checkpoint {path} ({'; '.join(problems)})")
+    if not damaged:
+        raise TrainError(f"--resume: no checkpoint in {Path(out) / 'checkpoints'}")
+    raise TrainError(f"--resume: no intact checkpoint in {Path(out) / 'checkpoints'}: {' | '.join(damaged)}")
+
+
+def _follow_umask(directory):
+    """mkdtemp makes a private (0700) directory: give the tree the modes the user's umask asks for."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [directory, *directory.rglob("*")]:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+def write_checkpoint(directory, step, model, tok, optimizer, cfg, data):
+    """Fill an empty directory with checkpoint `step`: model/, trainer.pt, then checksums.json."""
+    directory = Path(directory)
+    model.save_pretrained(directory / "model")
+    tok.save(directory / "model")
+    rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
+           else [], "numpy": np.random.get_state(), "python": random.getstate()}
+    torch.save({"step": step, "config": asdict(cfg), "data": data, "optimizer": optimizer.state_dict(), "rng": rng},
+               directory / "trainer.pt")
+    _follow_umask(directory)
+    write_checksums(directory)
+
+
+def _remove_checkpoint(path):
+    """Rename to a hidden name first: a kill during the deletion leaves no half checkpoint under a step's name."""
+    hidden = path.with_name(f".{path.name}.deleting")
+    os.rename(path, hidden)
+    shutil.rmtree(hidden)
+
+
+def save_checkpoint(out, step, model, tok, optimizer, cfg, keep, data) -> Path:
+    """Write checkpoint `step` (data: data_fingerprint of the training examples), then keep the newest `keep`."""
     root = Path(out) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
-    for stale in root.glob(".step-*"):  # temporary directories of killed saves
+    for stale in root.glob(".step-*"):  # left by killed saves and deletions
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.tmp-"))
     try:
-        model.save_pretrained(tmp / "model")
-        tok.save(tmp / "model")
-        rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
-               else [], "numpy": np.random.get_state(), "python": random.getstate()}
-        torch.save({"step": step, "config": asdict(cfg), "optimizer": optimizer.state_dict(), "rng": rng},
-                   tmp / "trainer.pt")
-        if final.exists():  # the same step saved before (a resumed run that stops where it started)
-            shutil.rmtree(final)
+        write_checkpoint(tmp, step, model, tok, optimizer, cfg, data)
+        if final.exists():  # a damaged checkpoint of this step, which --resume skipped
+            _remove_checkpoint(final)
         os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in checkpoints(out)[:-keep]:
-        shutil.rmtree(old)
+    rotate_checkpoints(out, keep, final)
     return final
 
 
-def load_checkpoint(path, cfg: TrainConfig, device) -> tuple:
-    """(model, trainer state) of a checkpoint, refusing one whose recipe differs from cfg (naming the field)."""
-    state = torch.load(Path(path) / "trainer.pt", map_location="cpu", weights_only=False)
+def rotate_checkpoints(out, keep, newest):
+    """Delete all but the keep - 1 checkpoints just before `newest`, the one just written (intact, and never
+    deleted). Later steps are damaged leftovers --resume skipped: they are replaced when the run reaches them."""
+    older = [p for p in checkpoints(out) if checkpoint_step(p) < checkpoint_step(newest)]
+    for old in older[:max(len(older) - (keep - 1), 0)]:
+        _remove_checkpoint(old)
+
+
+def load_checkpoint(path, cfg: TrainConfig, device, data) -> tuple:
+    """(model, trainer state) of a verified checkpoint, refusing one whose recipe (naming the field) or training
+    data (data_fingerprint of this run's examples) differ from this run's."""
+    path = Path(path)
+    try:
+        state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+        model = StableLM.from_pretrained(path / "model", dtype=torch.float32)
+    except Exception as e:  # its files are as written, yet do not load: not a checkpoint this code wrote
+        raise TrainError(f"--resume: {path} does not load: {type(e).__name__}: {str(e).strip().splitlines()[0]}"
+                         ) from None
     saved = state["config"]
     for name, value in asdict(cfg).items():
         if name not in RUNTIME_FIELDS and saved.get(name) != value:
             raise TrainError(f"--resume: {path} was trained with --{_flag(name)} {saved.get(name)!r}, this run asks "
                              f"for {value!r}; a resumed run must keep the recipe (or start a new --out)")
-    return StableLM.from_pretrained(Path(path) / "model", dtype=torch.float32), state
+    if state["data"] != data:
+        was, now = state["data"]["examples"], data["examples"]
+        change = f"{was} examples -> {now}" if was != now else f"same count ({now} examples), different content"
+        raise TrainError(f"--resume: the training data changed since {path}: {change}; a resumed run must train on "
+                         f"the same data (or start a new --out)")
+    return model, state
 
 
 def restore_rng(rng):
@@ -1086,8 +1206,7 @@ def _train(cfg, ranks, device, print_fn, evaluate_untrained):
     precision = cfg.precision if cfg.precision != "auto" else "bf16" if device.type == "cuda" else "fp32"
     autocast = _autocast(device, precision)
     previous = checkpoints(out)
-    if cfg.resume and not previous:
-        raise TrainError(f"--resume: no checkpoint in {out / 'checkpoints'}")
+    resume_from = find_resume_checkpoint(out, log) if cfg.resume else None
     if previous and not cfg.resume:
         if not cfg.overwrite:
             raise TrainError(f"{out / 'checkpoints'} holds checkpoints (latest {previous[-1].name}): pass --resume to "
@@ -1103,13 +1222,14 @@ def _train(cfg, ranks, device, print_fn, evaluate_untrained):
     log(f"remask train {' '.join(f'--{_flag(k)} {v}' for k, v in asdict(cfg).items() if v != '')}")
     tok = load_tokenizer_for(cfg, log)
     examples, held_out = load_examples(cfg, tok, log)
+    fingerprint = data_fingerprint(examples)
 
     # --- model, optimizer, position
     start_step = 0
     if cfg.resume:
-        model, state = load_checkpoint(previous[-1], cfg, device)
+        model, state = load_checkpoint(resume_from, cfg, device, fingerprint)
         if len(tok) > model.config.vocab_size:
-            raise TrainError(f"--resume: {previous[-1]} has {model.config.vocab_size} vocabulary rows, the "
+            raise TrainError(f"--resume: {resume_from} has {model.config.vocab_size} vocabulary rows, the "
                              f"tokenizer needs {len(tok)}")
         start_step = state["step"]
     else:
@@ -1120,7 +1240,7 @@ def _train(cfg, ranks, device, print_fn, evaluate_untrained):
     if cfg.resume:
         optimizer.load_state_dict(state["optimizer"])
         restore_rng(state["rng"])
-        log(f"resumed from {previous[-1]} at step {start_step}")
+        log(f"resumed from {resume_from} at step {start_step}")
     runner = model
     ddp = None
     if ranks.world > 1:
@@ -1159,7 +1279,7 @@ def _train(cfg, ranks, device, print_fn, evaluate_untrained):
     sums = torch.zeros(3, device=device)  # ce_masked, ce_full, kl summed over the steps since the last log
     loss_sum = torch.zeros((), device=device)
     tokens = flops = 0
-    last_saved = previous[-1] if cfg.resume else None
+    last_saved = resume_from
     t_start = t_log = time.perf_counter()
     steps_since_log = 0
     step = start_step
@@ -1227,7 +1347,7 @@ def _train(cfg, ranks, device, print_fn, evaluate_untrained):
                     t_log = time.perf_counter()
                 if interrupted or step == stop or save_step:
                     if main:
-                        last_saved = save_checkpoint(out, step, model, tok, optimizer, cfg, cfg.keep)
+                        last_saved = save_checkpoint(out, step, model, tok, optimizer, cfg, cfg.keep, fingerprint)
                         log(f"saved {last_saved}")
                     if ranks.world > 1:
                         dist.barrier()

@@ -221,7 +221,7 @@ def test_a_killed_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeyp
     model = remask.StableLM.from_pretrained(remask.checkpoints(cfg.out)[-1] / "model")
     with pytest.raises(OSError, match="disk full"):
         remask.save_checkpoint(cfg.out, 4, model, data.embedded_tokenizer(), torch.optim.SGD(model.parameters()),
-                               cfg, keep=2)
+                               cfg, keep=2, data=remask.data_fingerprint([]))
     monkeypatch.undo()
     # and a save killed without any cleanup: its temporary directory is ignored
     root = tmp_path / "run" / "checkpoints"
