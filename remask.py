@@ -49,7 +49,6 @@ import resource
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 import zlib
@@ -68,7 +67,7 @@ from data import (GSM8K_MAX_NEW_TOKENS, GSM8K_STOP, IGNORE_INDEX, MODES, CoTReco
                   Tokenizer, atomic_write, chat_prompt, collate, cot_prompt, cut_at_stop, embedded_dataset,
                   embedded_tokenizer, encode_many, extract_answer, fit_length, format_record, gsm8k_prompts,
                   load_tokenizer, mask_example, read_gsm8k, read_mixture, round_up, score_gsm8k)
-from model import CONFIGS, Config, StableLM, generate
+from model import CONFIGS, Config, StableLM, generate, recover_directory, write_directory
 
 # ----------------------------------------------------------------------------- objective: the definition
 # Labels follow the Hugging Face convention: labels[:, t] is the token at position t, so logits[:, t] are graded
@@ -865,8 +864,8 @@ def accumulate_gradients(runner, batches, mode, kl_weight, device, autocast, ddp
 
 # ----------------------------------------------------------------------------- checkpoints
 # out/checkpoints/step-000120/{model/ (Hugging Face directory, fp32, tokenizer.json), trainer.pt, checksums.json}.
-# A checkpoint is filled in a hidden temporary directory and renamed into place when complete; a killed save leaves
-# only the temporary directory, which is ignored (and removed by the next save). checksums.json, written last,
+# A checkpoint is filled in a hidden temporary directory and swapped into place when complete (model.write_directory);
+# what a kill leaves behind is repaired or removed by the next save or --resume. checksums.json, written last,
 # holds the size and CRC-32 of every other file: --resume verifies the newest checkpoint and falls back to the
 # newest intact one, so a checkpoint truncated or overwritten since it was written is never trained on. CRC-32
 # because it guards against accidents (torn writes, bit rot, stray bytes), not forgery, and costs little next to
@@ -942,6 +941,7 @@ def verify_checkpoint(path) -> list:
 def find_resume_checkpoint(out, log) -> Path:
     """The newest intact checkpoint in out. Each newer damaged one is named in one line with what is wrong; if
     none is intact, the refusal lists them all."""
+    recover_checkpoints(out)
     damaged = []
     for path in reversed(checkpoints(out)):
         problems = verify_checkpoint(path)
@@ -954,25 +954,20 @@ def find_resume_checkpoint(out, log) -> Path:
     raise TrainError(f"--resume: no intact checkpoint in {Path(out) / 'checkpoints'}: {' | '.join(damaged)}")
 
 
-def _follow_umask(directory):
-    """mkdtemp makes a private (0700) directory: give the tree the modes the user's umask asks for."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for p in [directory, *directory.rglob("*")]:
-        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
-
-
 def write_checkpoint(directory, step, model, tok, optimizer, cfg, data):
     """Fill an empty directory with checkpoint `step`: model/, trainer.pt, then checksums.json."""
     directory = Path(directory)
-    model.save_pretrained(directory / "model")
-    tok.save(directory / "model")
+    model.save_pretrained(directory / "model", extra=tok.save)
     rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
            else [], "numpy": np.random.get_state(), "python": random.getstate()}
     torch.save({"step": step, "config": asdict(cfg), "data": data, "optimizer": optimizer.state_dict(), "rng": rng},
                directory / "trainer.pt")
-    _follow_umask(directory)
     write_checksums(directory)
+
+
+def is_checkpoint_directory(path) -> bool:
+    """What a checkpoint writer may replace: an empty directory or one holding only a checkpoint's entries."""
+    return all(p.name in ("model", "trainer.pt", CHECKSUMS) for p in Path(path).iterdir())
 
 
 def _remove_checkpoint(path):
@@ -982,22 +977,24 @@ def _remove_checkpoint(path):
     shutil.rmtree(hidden)
 
 
-def save_checkpoint(out, step, model, tok, optimizer, cfg, keep, data) -> Path:
-    """Write checkpoint `step` (data: data_fingerprint of the training examples), then keep the newest `keep`."""
+def recover_checkpoints(out):
+    """Repair what killed saves and deletions left in out/checkpoints: a whole checkpoint whose swap a kill
+    interrupted goes back in place (model.recover_directory), half-deleted ones go."""
     root = Path(out) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:06d}"
-    for stale in root.glob(".step-*"):  # left by killed saves and deletions
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.tmp-"))
-    try:
-        write_checkpoint(tmp, step, model, tok, optimizer, cfg, data)
-        if final.exists():  # a damaged checkpoint of this step, which --resume skipped
-            _remove_checkpoint(final)
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    for hidden in root.glob(".step-*") if root.is_dir() else []:
+        if hidden.name.endswith(".deleting"):
+            shutil.rmtree(hidden, ignore_errors=True)
+        elif match := re.match(r"\.(step-\d{6,})\.", hidden.name):
+            recover_directory(root / match[1])
+
+
+def save_checkpoint(out, step, model, tok, optimizer, cfg, keep, data) -> Path:
+    """Write checkpoint `step` (data: data_fingerprint of the training examples), then keep the newest `keep`.
+    Through model.write_directory: at every instant step-N is absent, the old or the new checkpoint, whole."""
+    recover_checkpoints(out)
+    final = write_directory(Path(out) / "checkpoints" / f"step-{step:06d}",
+                            lambda tmp: write_checkpoint(tmp, step, model, tok, optimizer, cfg, data),
+                            replaceable=is_checkpoint_directory)  # a damaged checkpoint of this step, --resume skipped
     rotate_checkpoints(out, keep, final)
     return final
 
