@@ -778,9 +778,9 @@ def load_examples(cfg: TrainConfig, tok, log) -> tuple:
         f"{cfg.seq_len} tokens {'cut' if cfg.truncate else 'dropped'}), {len(held_out)} held out")
     if not examples:
         raise TrainError(f"no training examples left (--seq-len {cfg.seq_len})")
-    if cfg.global_batch > len(examples):  # refused: a step could only hold them all, not what the flag says
-        raise TrainError(f"--global-batch {cfg.global_batch} is larger than the {len(examples)} training examples: "
-                         f"use --global-batch {len(examples)} or less, or more data")
+    if cfg.global_batch > len(examples):  # clamped, not refused: a small data set is legitimate, a false log not
+        log(f"warning: --global-batch {cfg.global_batch} is larger than the {len(examples)} training examples: "
+            f"each step takes all {len(examples)} (one step per epoch)")
     return examples, held_out
 
 # ----------------------------------------------------------------------------- the training step
@@ -1305,8 +1305,9 @@ def _train(cfg, ranks, device, log, stopper, evaluate_before):
     if ranks.world > 1:
         dist.barrier()  # the other ranks write nothing; rank 0 has made --out the run's
     total = cfg.max_steps or len(loader) * cfg.epochs
+    step_size = min(cfg.global_batch, len(examples))
     log(f"{type(model).__name__} {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device} "
-        f"({precision}), {ranks.world} rank(s); {len(loader)} steps per epoch, {total} steps of {cfg.global_batch} "
+        f"({precision}), {ranks.world} rank(s); {len(loader)} steps per epoch, {total} steps of {step_size} "
         f"sequences, micro-batch {cfg.micro_batch}, mode {cfg.mode}; each log line: means over its steps")
     summary = {"out": str(out), "total_steps": total}
     if held_out and evaluate_before and not previous and main:

@@ -75,7 +75,6 @@ BAD_FLAGS = [
     (["--input-mask", "1.5"], ["--input-mask must be a probability"]),
     (["--answer-only", "-0.1"], ["--answer-only must be a probability"]),
     (["--micro-batch", "0"], ["--micro-batch must be >= 1"]),
-    (["--global-batch", "1000"], ["--global-batch 1000 is larger than the 32 training examples"]),
     (["--device", "foo"], ["--device foo"]),
     (["--model", "{tmp}/nowhere"], ["--model", "nowhere"]),
     (["--model", "{int8}"], ["--model", "8-bit (LLM.int8) checkpoint", "quantize.py --dequantize"]),
@@ -115,6 +114,16 @@ def test_an_out_that_cannot_be_a_directory(tmp_path, capsys, where):
     assert remask.main(["train", *TINY, "--out", str(out)]) == 1
     one_error_line(capsys, f"--out {out}")
     assert blocker.read_text() == "mine\n" and not (read_only / "run").exists()
+
+
+def test_a_global_batch_larger_than_the_data_is_clamped_with_a_warning(tmp_path):
+    lines = []
+    flags = dict(n_train=32, global_batch=1000, micro_batch=8, seq_len=64, digits=2, epochs=2, save_every=0,
+                 n_eval=0, threads=1, device="cpu", out=str(tmp_path / "run"))
+    remask.train(remask.TrainConfig(**flags), log=lines.append)
+    warning = "warning: --global-batch 1000 is larger than the 32 training examples: each step takes all 32"
+    assert f"{warning} (one step per epoch)" in lines
+    assert any("2 steps of 32 sequences" in line for line in lines)  # what the log claims is what runs
 
 
 def test_usage_errors_stay_argparse_errors(capsys):
