@@ -599,6 +599,12 @@ def one_cycle_lr(step: int, total_steps: int, max_lr: float, pct_start: float = 
 # ----------------------------------------------------------------------------- training configuration
 PASSES = {"remask": 2, "masked-thought": 1, "sft": 1}  # forward passes per example (for the FLOP count)
 PARTS = {"remask": ("ce_masked", "ce_full", "kl"), "masked-thought": ("ce_masked",), "sft": ("ce_full",)}
+PRECISIONS = ("auto", "bf16", "fp32")  # --precision: auto is bf16 on CUDA, fp32 elsewhere
+# The checks of the numeric flags, by field: each error names its own flag
+AT_LEAST_ONE = {"seq_len", "micro_batch", "global_batch", "epochs", "log_every", "keep", "digits", "n_train"}
+NOT_NEGATIVE = {"max_steps", "save_every", "stop_at", "n_eval", "threads", "seed", "lr", "pct_start",
+                "weight_decay", "kl_weight"}
+PROBABILITIES = {"input_mask", "label_mask", "answer_only"}
 
 
 def _option(default, help, **argparse_extra):
@@ -627,11 +633,13 @@ class TrainConfig:
     pct_start: float = _option(0.3, "fraction of the steps spent rising to --lr")
     weight_decay: float = _option(0.01, "Lilith's decoupled weight decay")
     kl_weight: float = _option(0.1, "weight of the symmetric KL between the masked and the full pass (remask)")
-    input_mask: float = _option(0.4, "probability that a response/rationale input token is masked")
-    label_mask: float = _option(0.1, "probability that a rationale label is dropped (CoT examples, not sft)")
-    answer_only: float = _option(0.1, "probability that all rationale labels of a CoT example are dropped (not sft)")
-    mask_with: str = _option("mask", "masked inputs become <|mask|> (mask) or a random token (random, as Masked "
-                                     "Thought)", choices=("mask", "random"))
+    input_mask: float = _option(MaskConfig.input_mask, "probability that a response/rationale input token is masked")
+    label_mask: float = _option(MaskConfig.label_mask, "probability that a rationale label is dropped (CoT "
+                                                       "examples, not sft)")
+    answer_only: float = _option(MaskConfig.answer_only, "probability that all rationale labels of a CoT example "
+                                                         "are dropped (not sft)")
+    mask_with: str = _option(MaskConfig.mask_with, "masked inputs become <|mask|> (mask) or a random token (random, "
+                                                   "as Masked Thought)", choices=("mask", "random"))
     seed: int = _option(0, "seed of the data order, the masks, the embedded data and a fresh model's weights")
     skip_bad: bool = _option(False, "skip (and count) data rows that fail to parse instead of stopping")
     truncate: bool = _option(False, "cut examples longer than --seq-len instead of dropping them")
@@ -643,16 +651,17 @@ class TrainConfig:
     n_train: int = _option(20000, "embedded task: training examples")
     n_eval: int = _option(0, "held-out problems for greedy exact match after training: the embedded task's own, "
                              "or CoT rows held out of --data (0: no evaluation)")
-    device: str = _option("auto", "cuda, cuda:1, cpu ...; auto: the GPU if there is one (under torchrun: the "
+    device: str = _option("auto", "cpu, cuda, cuda:1 ...; auto: the GPU if there is one (under torchrun: the "
                                   "local rank's)")
     precision: str = _option("auto", "bf16: bf16 autocast over fp32 master weights (Lilith state fp32); fp32; "
                                      "auto: bf16 on CUDA, fp32 elsewhere (CPU bf16 is slow)",
-                             choices=("auto", "bf16", "fp32"))
+                             choices=PRECISIONS)
     compile: bool = _option(False, "torch.compile the model (worth it on a GPU; the first steps compile)")
     grad_checkpointing: bool = _option(False, "recompute each block in backward: far less activation memory for "
                                               "~1/3 more compute")
     threads: int = _option(0, "CPU threads per process; 0: the cores shared among this machine's ranks")
-    log_every: int = _option(1, "optimizer steps per log line; the loop syncs with the device only there")
+    log_every: int = _option(1, "optimizer steps per log line; the loop syncs with the device only there and at "
+                                "checkpoints")
     save_every: int = _option(100, "optimizer steps between checkpoints (0: only at the end)")
     keep: int = _option(2, "checkpoints kept; older ones are deleted")
     stop_at: int = _option(0, "stop with a checkpoint after this optimizer step, the schedule still spanning "
@@ -661,34 +670,30 @@ class TrainConfig:
     overwrite: bool = _option(False, "start over in an --out that holds checkpoints (they are deleted)")
 
     def __post_init__(self):
-        positive = ("seq_len", "micro_batch", "global_batch", "epochs", "log_every", "keep", "digits", "n_train")
-        for name in positive:
-            if not getattr(self, name) >= 1:
-                raise ValueError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "save_every", "stop_at", "n_eval", "threads", "seed"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
-        for name in ("mode", "mask_with", "arch", "precision"):
-            choices = fields_by_name()[name].metadata["choices"]
-            if getattr(self, name) not in choices:
-                raise ValueError(f"--{_flag(name)} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
-        if not 0 <= self.pct_start < 1 or self.lr < 0 or self.weight_decay < 0 or self.kl_weight < 0:
-            raise ValueError("need 0 <= --pct-start < 1 and --lr, --weight-decay, --kl-weight >= 0")
-        self.mask_config()  # validates the probabilities
+        for f in fields(self):  # every flag's own check, so that the error names it
+            value, flag = getattr(self, f.name), f"--{_flag(f.name)}"
+            if f.type is float and not math.isfinite(value):
+                raise ValueError(f"{flag} must be a finite number, got {value}")
+            if f.name in AT_LEAST_ONE and not value >= 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
+            if f.name in NOT_NEGATIVE and not value >= 0:
+                raise ValueError(f"{flag} must be >= 0, got {value}")
+            if f.name in PROBABILITIES and not 0 <= value <= 1:
+                raise ValueError(f"{flag} must be a probability in [0, 1], got {value}")
+            if "choices" in f.metadata and value not in f.metadata["choices"]:
+                raise ValueError(f"{flag} must be one of {', '.join(f.metadata['choices'])}, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")  # 0 would train nothing
+        if not self.pct_start < 1:
+            raise ValueError(f"--pct-start must be < 1, got {self.pct_start}")
 
     def mask_config(self) -> MaskConfig:
-        try:
-            return MaskConfig(self.mode, self.input_mask, self.label_mask, self.answer_only, self.mask_with)
-        except ValueError as e:
-            raise ValueError(f"--{_flag(str(e).split()[0])}: {e}") from None
+        return MaskConfig(self.mode, self.input_mask, self.label_mask, self.answer_only, self.mask_with)
+
 
 
 def _flag(name):
     return name.replace("_", "-")
-
-
-def fields_by_name():
-    return {f.name: f for f in fields(TrainConfig)}
 
 
 # The embedded demo's preset, applied when neither --model nor --data is given (flags given explicitly win).
@@ -697,7 +702,7 @@ def fields_by_name():
 # exact match from 0% in about 3 minutes. A fresh tiny model needs a far larger learning rate than the card's
 # 1e-5 for a pretrained 3B one; with Lilith 1e-3 learned faster than 3e-3 (2 digits, 500 steps: 38% vs 2%).
 DEMO = dict(out="runs/demo", seq_len=128, micro_batch=32, global_batch=32, epochs=1, n_train=22400, lr=1e-3,
-            digits=2, n_eval=200, log_every=50, save_every=250, overwrite=True)
+            digits=2, n_eval=200, log_every=50, save_every=250)
 
 # Fields that may differ on --resume: they change how the run executes, not what it computes (micro_batch
 # changes the order of float sums only; n_eval only the evaluation at the end).
@@ -707,6 +712,13 @@ RUNTIME_FIELDS = {"out", "device", "compile", "grad_checkpointing", "threads", "
 
 class TrainError(RuntimeError):
     """A run that cannot go on; the message says why and what to change."""
+
+
+def error_line(e: BaseException) -> str:
+    """The one line a user sees for an expected failure; an OS error names its file and its cause."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"error: {e.filename}: {e.strerror}"
+    return f"error: {e}"
 
 # ----------------------------------------------------------------------------- devices, ranks and accounting
 
@@ -728,6 +740,32 @@ def peak_memory_gb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
 
 
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """The device a --device flag names (auto: this rank's GPU if there is one, else the CPU), checked to exist."""
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise TrainError(f"--device {name}: not a device remask runs on (cpu, cuda, cuda:N or auto)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"--device {name}: CUDA is not available in this torch build or machine")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise TrainError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
+def resolve_precision(name: str, device) -> str:
+    """bf16 or fp32 for a --precision flag; auto: bf16 on CUDA, fp32 elsewhere (CPU bf16 is slow)."""
+    if name not in PRECISIONS:
+        raise TrainError(f"--precision {name}: expected one of {', '.join(PRECISIONS)}")
+    if name == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return name
+
+
 @dataclass
 class Ranks:
     rank: int = 0  # this process's index among all processes
@@ -741,12 +779,8 @@ def init_distributed(device_name: str) -> tuple:
     env = os.environ
     ranks = Ranks(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)),
                   int(env.get("LOCAL_WORLD_SIZE", 1)))
-    if device_name == "auto":
-        device_name = f"cuda:{ranks.local_rank}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device_name)
+    device = resolve_device(device_name, ranks.local_rank)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise TrainError(f"--device {device_name}: CUDA is not available in this torch build or machine")
         torch.cuda.set_device(device)
     if ranks.world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if
@@ -766,6 +800,10 @@ def load_model(cfg: TrainConfig, tok, log) -> StableLM:
         return StableLM(config)
     path = Path(cfg.model).expanduser()
     try:
+        if Config.from_json(path / "config.json").quantization_config is not None:
+            raise TrainError(f"--model {path} is an 8-bit (LLM.int8) checkpoint: its int8 weights cannot be "
+                             f"trained; write a float copy with `python quantize.py --dequantize IN OUT` and train "
+                             f"that")
         model = StableLM.from_pretrained(path, dtype=torch.float32)
     except (FileNotFoundError, ValueError) as e:
         raise TrainError(f"--model {path}: {e}") from None
@@ -812,6 +850,9 @@ def load_examples(cfg: TrainConfig, tok, log) -> tuple:
         f"{cfg.seq_len} tokens {'cut' if cfg.truncate else 'dropped'}), {len(held_out)} held out")
     if not examples:
         raise TrainError(f"no training examples left (--seq-len {cfg.seq_len})")
+    if cfg.global_batch > len(examples):  # clamped, not refused: a small data set is legitimate, a false log not
+        log(f"warning: --global-batch {cfg.global_batch} is larger than the {len(examples)} training examples: "
+            f"each step takes all {len(examples)} (one step per epoch)")
     return examples, held_out
 
 # ----------------------------------------------------------------------------- the training step
@@ -1058,10 +1099,13 @@ def loss_curve_svg(steps, losses, width=640, height=360, pad=48) -> str:
 
 def _duration(seconds):
     seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def format_metrics(m: dict, mode: str) -> str:
+    """A log line: loss, its parts and the grad norm are means over the steps since the previous line."""
     parts = ", ".join(f"{name} {m[name]:.4f}" for name in PARTS[mode])
     mfu = "n/a" if m["mfu"] is None else f"{m['mfu']:.1%}"
     return (f"step {m['step']}/{m['total_steps']} | loss {m['loss']:.4f} ({parts}) | lr {m['lr']:.3e} | "
@@ -1154,97 +1198,290 @@ def teacher_forced_loss(model, tok, records, device, precision="fp32", batch_siz
 # ----------------------------------------------------------------------------- the training loop
 
 
-class _StopOnSigint:
-    """First Ctrl-C: finish the current step, save, exit. A second one interrupts at once."""
+class Interrupted(KeyboardInterrupt):
+    """A stop signal that quits at once (a second one, or one outside the loop); its exit code is 128 + the
+    signal's number, as a shell reports a process that a signal ended."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = 128 + signum
+
+
+class _StopOnSignal:
+    """Ctrl-C (SIGINT) or SIGTERM (what SLURM, Kubernetes and `timeout` send) during the loop: finish the step, save,
+    stop. A second signal, or one during set-up or the final save, quits at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, log):
-        self.requested, self.log, self.previous = False, log, None
+        self.log, self.signum, self.in_loop, self.previous = log, None, False, {}
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        self.log("Ctrl-C: stopping at the next log step with a checkpoint (Ctrl-C again to quit without saving)")
+        if self.signum is not None or not self.in_loop:
+            raise Interrupted(signum)
+        self.signum = signum
+        self.log(f"{signal.Signals(signum).name}: stopping after this step with a checkpoint (a second signal quits "
+                 f"without saving)")
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+class RunLog:
+    """Messages on rank 0: printed, and appended to out/train.log once the run owns its directory (the lines
+    before that are kept and written first)."""
+
+    def __init__(self, print_fn, main):
+        self.print_fn, self.main, self.file, self.pending = print_fn, main, None, []
+
+    def __call__(self, message):
+        if self.main:
+            self.print_fn(message)
+            self._write(message)
+
+    def _write(self, line):
+        if self.file is None:
+            self.pending.append(line)
+        else:
+            with open(self.file, "a") as f:
+                f.write(line + "\n")
+
+    def start_file(self, path):
+        self.file = path
+        for line in self.pending:
+            self._write(line)
+        self.pending = []
+
+    def error(self, e):
+        """A failed run's error line, in train.log too once the run owns its directory (main prints it)."""
+        if self.main and self.file is not None:
+            self._write(error_line(e))
+
+
+@dataclass
+class Totals:
+    """Sums over the steps since the last log line. The device tensors grow without a read-back; a log line shows
+    their means over those steps (the grad norm too: the mean of the steps' norms, not the last one)."""
+    loss: torch.Tensor
+    ce_masked: torch.Tensor
+    ce_full: torch.Tensor
+    kl: torch.Tensor
+    grad_norm: torch.Tensor
+    steps: int = 0
+    tokens: int = 0  # host counts: the batches' shapes are known without the device
+    flops: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+
+    @classmethod
+    def zeros(cls, device):
+        return cls(*torch.zeros(5, device=device).unbind())
+
+    def add(self, loss, parts, grad_norm, batches, mode, flops_per_token):
+        self.loss += loss
+        for total, part in zip((self.ce_masked, self.ce_full, self.kl), parts):
+            total += part
+        self.grad_norm += grad_norm
+        self.steps += 1
+        for batch in batches:
+            B, T = batch["input_ids"].shape
+            self.tokens += B * T
+            self.flops += PASSES[mode] * B * T * flops_per_token(T)
+
+
+def sync_now(step, stop, cfg, stopper, world) -> tuple:
+    """Does this step read back from the device? (log, save): a log step (--log-every, the last step), a checkpoint
+    step (--save-every), and a stop signal: one process honours it at once, several agree at such a step."""
+    log_step = step % cfg.log_every == 0 or step == stop
+    save_step = bool(cfg.save_every) and step % cfg.save_every == 0
+    return log_step, save_step, log_step or save_step or (stopper.requested and world == 1)
+
+
+def read_back(totals, model, stop_requested, world) -> dict:
+    """The loop's one read-back: the sums since the last log line over all ranks, whether any rank was signalled,
+    and whether every weight is finite (non-finite weights must never become "the last good checkpoint")."""
+    finite = torch.stack([p.isfinite().all() for p in model.parameters()]).all()
+    device_sums = torch.stack([totals.loss, totals.ce_masked, totals.ce_full, totals.kl, totals.grad_norm])
+    host_sums = torch.tensor([totals.tokens, totals.flops, stop_requested], dtype=torch.float32,
+                             device=device_sums.device)
+    values = torch.cat([device_sums, host_sums, (~finite).float()[None]])
+    if world > 1:
+        dist.all_reduce(values)
+    loss, ce_masked, ce_full, kl, grad_norm, tokens, flops, signalled, not_finite = values.tolist()
+    # the losses are global already (normalised by the whole step's counts); the grad norm is every rank's
+    return dict(loss=loss, ce_masked=ce_masked, ce_full=ce_full, kl=kl, grad_norm=grad_norm / world, tokens=tokens,
+                flops=flops, interrupted=signalled > 0, finite=not_finite == 0)
+
+
+def check_finite(seen, steps, step, last_saved):
+    if math.isfinite(seen["loss"]) and seen["finite"]:
+        return
+    where = f"last good checkpoint: {last_saved}" if last_saved else "no checkpoint was saved yet"
+    what = f"loss is {seen['loss'] / steps}" if not math.isfinite(seen["loss"]) else "the weights are not finite"
+    raise TrainError(f"{what} at step {step} (or in the {steps} steps before it); stopping. {where} (resume it "
+                     f"with --resume, maybe with a lower --lr)")
+
+
+class Span(NamedTuple):
+    """Where a run goes: the schedule's steps, the step it stops after, where it started and when."""
+    total: int
+    stop: int
+    start_step: int
+    started: float
+
+
+def run_metrics(seen, totals, step, epoch, lr, span, peak_flops_all, device, mode) -> dict:
+    """A log line's metrics: the means over the steps since the last line, speed, memory and time left."""
+    now = time.perf_counter()
+    per_step = {name: seen[name] / totals.steps for name in ("loss", *PARTS[mode], "grad_norm")}
+    seconds = now - totals.started
+    return {"step": step, "total_steps": span.total, "epoch": epoch, "loss": per_step["loss"],
+            **{name: per_step[name] for name in PARTS[mode]}, "lr": lr, "grad_norm": per_step["grad_norm"],
+            "tokens_per_s": seen["tokens"] / seconds,
+            "mfu": seen["flops"] / seconds / peak_flops_all if peak_flops_all else None,
+            "peak_mem_gb": peak_memory_gb(device), "elapsed_s": now - span.started,
+            "eta_s": (now - span.started) / (step - span.start_step) * (span.stop - step)}
+
+
+def check_run_directory(cfg) -> list:
+    """The run directory policy, checked before anything is read or written: an --out holding checkpoints is
+    continued (--resume) or started over (--overwrite, deleting them only once the run has loaded everything).
+    Returns the checkpoints to resume from ([] for a fresh run)."""
+    out = Path(cfg.out)
+    blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise TrainError(f"--out {out}: {blocking} is a file, not a directory")
+    existing = next(p for p in (out, *out.parents, Path(".")) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise TrainError(f"--out {out}: {existing} is not writable")
+    previous = checkpoints(out)
+    if cfg.resume and not previous:
+        raise TrainError(f"--resume: no checkpoint in {out / 'checkpoints'}")
+    if previous and not cfg.resume and not cfg.overwrite:
+        raise TrainError(f"{out / 'checkpoints'} holds checkpoints (latest {previous[-1].name}): pass --resume to "
+                         f"continue that run, --overwrite to start over (deleting them), or another --out")
+    return previous if cfg.resume else []
+
+
+def claim_run_directory(cfg, previous, log):
+    """Rank 0 makes --out this run's: a fresh run deletes the files of the run layout (an overwritten run's
+    checkpoints among them) and starts train.log with the lines logged so far; a resumed run appends to its own."""
+    out = Path(cfg.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TrainError(f"--out {out}: {e.strerror}") from None
+    if not previous:
+        if checkpoints(out):  # --overwrite, checked by check_run_directory
+            shutil.rmtree(out / "checkpoints")
+        for stale in ("metrics.jsonl", "train.log", "loss.svg"):
+            (out / stale).unlink(missing_ok=True)
+    log.start_file(out / "train.log")
+
+
+def model_and_optimizer(cfg, tok, resume_from, fingerprint, device, log) -> tuple:
+    """(model, Lilith, first step): from a verified checkpoint (with its RNG states), or fresh."""
+    if resume_from is None:
+        model = load_model(cfg, tok, log).to(device).train()
+        return model, Lilith(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay), 0
+    model, state = load_checkpoint(resume_from, cfg, device, fingerprint)
+    if len(tok) > model.config.vocab_size:
+        raise TrainError(f"--resume: {resume_from} has {model.config.vocab_size} vocabulary rows, the tokenizer "
+                         f"needs {len(tok)}")
+    model.to(device).train()
+    optimizer = Lilith(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer.load_state_dict(state["optimizer"])
+    restore_rng(state["rng"])
+    log(f"resumed from {resume_from} at step {state['step']}")
+    return model, optimizer, state["step"]
+
+
+def wrap_for_training(model, cfg, ranks, device) -> tuple:
+    """(runner, ddp): what the step calls (DDP over ranks, then torch.compile) and the DDP wrapper or None."""
+    model.gradient_checkpointing = cfg.grad_checkpointing
+    if ranks.world == 1:
+        ddp, runner = None, model
+    else:
+        ddp = runner = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return (torch.compile(runner) if cfg.compile else runner), ddp
+
+
+def untrained_accuracy(model, tok, held_out, device, precision, log) -> float:
+    model.eval()
+    accuracy = exact_match(model, tok, held_out, device, precision)[0]
+    model.train()
+    log(f"untrained exact match on {len(held_out)} held-out problems: {accuracy:.1%}")
+    return accuracy
+
+
+def history_until(metrics_file, step) -> list:
+    """The metrics a resumed run keeps: the checkpoint's run's lines up to its step (metrics_file rewritten)."""
+    if not metrics_file.exists():
+        return []
+    history = [m for m in map(json.loads, metrics_file.read_text().splitlines()) if m["step"] <= step]
+    atomic_write(metrics_file, "".join(json.dumps(m) + "\n" for m in history))
+    return history
+
+
+def finish(model, tok, out, history, held_out, device, precision, summary, log):
+    """The end of a whole run (rank 0): the loss curve, the final model as a Hugging Face directory, and the
+    held-out evaluation (into summary)."""
+    if history:
+        atomic_write(out / "loss.svg", loss_curve_svg([m["step"] for m in history], [m["loss"] for m in history]))
+    final = out / "model"
+    model.to(getattr(torch, model.config.torch_dtype))  # the source's dtype (bf16 for StableLM-3B)
+    model.save_pretrained(final, extra=tok.save)  # the tokenizer joins the directory before it appears
+    summary["model"] = str(final)
+    log(f"saved the trained model as a Hugging Face directory: {final}")
+    if held_out:
+        model.eval()
+        summary["accuracy"], completions = exact_match(model, tok, held_out, device, precision)
+        summary["eval_loss"] = teacher_forced_loss(model, tok, held_out, device, precision)
+        before = f" (untrained: {summary['accuracy_untrained']:.1%})" if "accuracy_untrained" in summary else ""
+        log(f"held-out exact match: {summary['accuracy']:.1%} of {len(held_out)}{before}; teacher-forced loss "
+            f"{summary['eval_loss']:.4f}. Example: {cot_prompt(held_out[0].prompt)!r} -> {completions[0]!r}")
 
 
 def train(cfg: TrainConfig, log=print, evaluate_untrained=True) -> dict:
     """Run (or resume) one training run; returns its summary (also printed). Under torchrun every rank calls it."""
     ranks, device = init_distributed(cfg.device)
+    run_log = RunLog(log, ranks.rank == 0)
     try:
-        return _train(cfg, ranks, device, log, evaluate_untrained)
+        with _StopOnSignal(run_log) as stopper:
+            return _train(cfg, ranks, device, run_log, stopper, evaluate_untrained)
+    except (TrainError, DataError, ValueError, OSError) as e:
+        run_log.error(e)
+        raise
     finally:
         if ranks.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(cfg, ranks, device, print_fn, evaluate_untrained):
-    out = Path(cfg.out)
-    main = ranks.rank == 0
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-    log_file = out / "train.log"
-
-    def log(message):
-        if main:
-            print_fn(message)
-            with open(log_file, "a") as f:
-                f.write(message + "\n")
-
-    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // ranks.local_world))
-    precision = cfg.precision if cfg.precision != "auto" else "bf16" if device.type == "cuda" else "fp32"
-    autocast = _autocast(device, precision)
-    previous = checkpoints(out)
-    resume_from = find_resume_checkpoint(out, log) if cfg.resume else None
-    if previous and not cfg.resume:
-        if not cfg.overwrite:
-            raise TrainError(f"{out / 'checkpoints'} holds checkpoints (latest {previous[-1].name}): pass --resume to "
-                             f"continue that run, --overwrite to start over (deleting them), or another --out")
-        if main:
-            shutil.rmtree(out / "checkpoints")
-            for stale in ("metrics.jsonl", "train.log", "loss.svg"):
-                (out / stale).unlink(missing_ok=True)
-    if main and not cfg.resume:
-        log_file.unlink(missing_ok=True)
-    if ranks.world > 1:
-        dist.barrier()
+def _train(cfg, ranks, device, log, stopper, evaluate_before):
+    # --- set-up: the run directory, the data, the model and optimizer, the position to start from
+    out, main = Path(cfg.out), ranks.rank == 0
+    previous = check_run_directory(cfg)
+    if main and previous:
+        log.start_file(out / "train.log")  # a resumed run's own log: its errors belong there too
     log(f"remask train {' '.join(f'--{_flag(k)} {v}' for k, v in asdict(cfg).items() if v != '')}")
+    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // ranks.local_world))
+    precision = resolve_precision(cfg.precision, device)
+    autocast = _autocast(device, precision)
     tok = load_tokenizer_for(cfg, log)
     examples, held_out = load_examples(cfg, tok, log)
-    fingerprint = data_fingerprint(examples)
-
-    # --- model, optimizer, position
-    start_step = 0
-    if cfg.resume:
-        model, state = load_checkpoint(resume_from, cfg, device, fingerprint)
-        if len(tok) > model.config.vocab_size:
-            raise TrainError(f"--resume: {resume_from} has {model.config.vocab_size} vocabulary rows, the "
-                             f"tokenizer needs {len(tok)}")
-        start_step = state["step"]
-    else:
-        model = load_model(cfg, tok, log)
-    model.to(device).train()
-    model.gradient_checkpointing = cfg.grad_checkpointing
-    optimizer = Lilith(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.resume:
-        optimizer.load_state_dict(state["optimizer"])
-        restore_rng(state["rng"])
-        log(f"resumed from {resume_from} at step {start_step}")
-    runner = model
-    ddp = None
-    if ranks.world > 1:
-        ddp = runner = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        runner = torch.compile(runner)
-
+    fingerprint = data_fingerprint(examples)  # the data is part of the recipe: a resume must train on the same
+    resume_from = find_resume_checkpoint(out, log) if previous else None  # the newest intact checkpoint
+    model, optimizer, start_step = model_and_optimizer(cfg, tok, resume_from, fingerprint, device, log)
+    runner, ddp = wrap_for_training(model, cfg, ranks, device)
     # Every rank draws its share of the same global batch; several ranks drop the last partial batch so that all
     # of them run the same number of micro-batches (each one's backward joins the gradient all-reduce).
     loader = Loader(examples, tok, cfg.mask_config(), cfg.global_batch, cfg.micro_batch, cfg.seed,
@@ -1252,133 +1489,84 @@ def _train(cfg, ranks, device, print_fn, evaluate_untrained):
     if len(loader) == 0:
         raise TrainError(f"{len(examples)} examples make no full --global-batch {cfg.global_batch} on "
                          f"{ranks.world} ranks")
+    if main:
+        claim_run_directory(cfg, previous, log)
+    if ranks.world > 1:
+        dist.barrier()  # the other ranks write nothing; rank 0 has made --out the run's
     total = cfg.max_steps or len(loader) * cfg.epochs
-    stop = min(cfg.stop_at or total, total)
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"{type(model).__name__} {n_params / 1e6:.2f}M parameters on {device} ({precision}), {ranks.world} "
-        f"rank(s); {len(loader)} steps per epoch, {total} steps of {cfg.global_batch} sequences, micro-batch "
-        f"{cfg.micro_batch}, mode {cfg.mode}")
+    step_size = min(cfg.global_batch, len(examples))
+    log(f"{type(model).__name__} {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device} "
+        f"({precision}), {ranks.world} rank(s); {len(loader)} steps per epoch, {total} steps of {step_size} "
+        f"sequences, micro-batch {cfg.micro_batch}, mode {cfg.mode}; each log line: means over its steps")
     summary = {"out": str(out), "total_steps": total}
-    if held_out and evaluate_untrained and not cfg.resume and main:
-        model.eval()
-        summary["accuracy_untrained"] = exact_match(model, tok, held_out, device, precision)[0]
-        model.train()
-        log(f"untrained exact match on {len(held_out)} held-out problems: {summary['accuracy_untrained']:.1%}")
-
-    # --- the loop
+    if held_out and evaluate_before and not previous and main:
+        summary["accuracy_untrained"] = untrained_accuracy(model, tok, held_out, device, precision, log)
     metrics_file = out / "metrics.jsonl"
-    history = []
-    if main and cfg.resume and metrics_file.exists():  # keep what the checkpoint's run logged up to its step
-        history = [m for m in map(json.loads, metrics_file.read_text().splitlines()) if m["step"] <= start_step]
-        atomic_write(metrics_file, "".join(json.dumps(m) + "\n" for m in history))
+    history = history_until(metrics_file, start_step) if main and previous else []
     peak = peak_flops(device, torch.bfloat16 if precision == "bf16" else torch.float32)
-    flops_per_token = model.flops_per_token  # of the unwrapped model
-    sums = torch.zeros(3, device=device)  # ce_masked, ce_full, kl summed over the steps since the last log
-    loss_sum = torch.zeros((), device=device)
-    tokens = flops = 0
+    peak_all = peak * ranks.world if peak else None
     last_saved = resume_from
-    t_start = t_log = time.perf_counter()
-    steps_since_log = 0
-    step = start_step
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+
+    # --- the loop: draw micro-batches -> accumulate gradients -> set lr -> optimizer step -> account
+    totals, step, interrupted = Totals.zeros(device), start_step, False
+    span = Span(total, min(cfg.stop_at or total, total), start_step, time.perf_counter())
+    stopper.in_loop = True
     try:
-        with _StopOnSigint(log) as sigint:
-            while step < stop:
-                epoch, in_epoch = divmod(step, len(loader))
-                batches = loader.micro_batches(epoch, in_epoch)
-                step_loss, step_parts = accumulate_gradients(runner, batches, cfg.mode, cfg.kl_weight, device,
-                                                             autocast, ddp, ranks.world)
-                loss_sum += step_loss
-                sums += step_parts
-                for batch in batches:
-                    B, T = batch["input_ids"].shape
-                    tokens += B * T
-                    flops += PASSES[cfg.mode] * B * T * flops_per_token(T)
-                lr = one_cycle_lr(step, total, cfg.lr, cfg.pct_start)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                steps_since_log += 1
-                # The loop reads back from the device (and ranks agree) only at log steps, checkpoint steps and the
-                # last step; a single process may honour Ctrl-C at once, ranks wait for such a step to agree on it.
-                log_step = step % cfg.log_every == 0 or step == stop
-                save_step = bool(cfg.save_every) and step % cfg.save_every == 0
-                if not (log_step or save_step or (sigint.requested and ranks.world == 1)):
-                    continue
-                # a checkpoint of non-finite weights must never become "the last good checkpoint"
-                finite = torch.stack([p.isfinite().all() for p in model.parameters()]).all()
-                stats = torch.cat([loss_sum[None], sums, torch.tensor([tokens, flops, sigint.requested],
-                                                                      dtype=torch.float32, device=device),
-                                   (~finite).float()[None]])
+        while step < span.stop and not interrupted:
+            epoch, in_epoch = divmod(step, len(loader))
+            batches = loader.micro_batches(epoch, in_epoch)
+            loss, parts = accumulate_gradients(runner, batches, cfg.mode, cfg.kl_weight, device, autocast, ddp,
+                                               ranks.world)
+            lr = one_cycle_lr(step, total, cfg.lr, cfg.pct_start)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            totals.add(loss, parts, grad_norm, batches, cfg.mode, model.flops_per_token)
+
+            log_step, save_step, sync = sync_now(step, span.stop, cfg, stopper, ranks.world)
+            if not sync:
+                continue  # the host runs ahead: nothing is read back from the device between sync steps
+            seen = read_back(totals, model, stopper.requested, ranks.world)
+            check_finite(seen, totals.steps, step, last_saved)
+            interrupted = seen["interrupted"]
+            if log_step or interrupted:
+                m = run_metrics(seen, totals, step, epoch, lr, span, peak_all, device, cfg.mode)
+                history.append(m)
+                if main:
+                    log(format_metrics(m, cfg.mode))
+                    with open(metrics_file, "a") as f:
+                        f.write(json.dumps(m) + "\n")
+                totals = Totals.zeros(device)
+            if save_step or interrupted or step == span.stop:
+                if main:
+                    last_saved = save_checkpoint(out, step, model, tok, optimizer, cfg, cfg.keep, fingerprint)
+                    log(f"saved {last_saved}")
                 if ranks.world > 1:
-                    dist.all_reduce(stats)
-                stats = stats.tolist()
-                if not math.isfinite(stats[0]) or stats[7] > 0:
-                    where = f"last good checkpoint: {last_saved}" if last_saved else "no checkpoint was saved yet"
-                    what = f"loss is {stats[0] / steps_since_log}" if not math.isfinite(stats[0]) \
-                        else "the weights are not finite"
-                    raise TrainError(f"{what} at step {step} (or in the {steps_since_log} steps before it); "
-                                     f"stopping. {where} (resume it with --resume, maybe with a lower --lr)")
-                interrupted = stats[6] > 0
-                if log_step or interrupted:
-                    now = time.perf_counter()
-                    m = {"step": step, "total_steps": total, "epoch": epoch, "loss": stats[0] / steps_since_log,
-                         **{name: stats[1 + k] / steps_since_log for k, name in
-                            enumerate(("ce_masked", "ce_full", "kl")) if name in PARTS[cfg.mode]},
-                         "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": stats[4] / (now - t_log),
-                         "mfu": stats[5] / (now - t_log) / (peak * ranks.world) if peak else None,
-                         "peak_mem_gb": peak_memory_gb(device), "elapsed_s": now - t_start,
-                         "eta_s": (now - t_start) / (step - start_step) * (stop - step)}
-                    history.append(m)
-                    if main:
-                        log(format_metrics(m, cfg.mode))
-                        with open(metrics_file, "a") as f:
-                            f.write(json.dumps(m) + "\n")
-                    loss_sum.zero_()
-                    sums.zero_()
-                    tokens = flops = steps_since_log = 0
-                    t_log = time.perf_counter()
-                if interrupted or step == stop or save_step:
-                    if main:
-                        last_saved = save_checkpoint(out, step, model, tok, optimizer, cfg, cfg.keep, fingerprint)
-                        log(f"saved {last_saved}")
-                    if ranks.world > 1:
-                        dist.barrier()
-                if interrupted:
-                    log(f"interrupted at step {step}: --resume continues from {last_saved}")
-                    return {**summary, "step": step, "interrupted": True, "checkpoint": str(last_saved)}
+                    dist.barrier()
     except torch.OutOfMemoryError:
         raise TrainError(f"out of GPU memory at step {step} with --micro-batch {cfg.micro_batch} "
                          f"(peak {peak_memory_gb(device):.1f} GB): use --micro-batch {max(cfg.micro_batch // 2, 1)} "
                          f"(gradient accumulation grows, the step stays the same) and/or --grad-checkpointing"
                          ) from None
+    finally:
+        stopper.in_loop = False
 
-    # --- the end: the final model, the loss curve, the evaluation
-    summary.update(step=step, checkpoint=str(last_saved), seconds=time.perf_counter() - t_start,
+    # --- the end: stopped early (a signal, --stop-at), or the final model and its evaluation
+    summary.update(step=step, checkpoint=str(last_saved), seconds=time.perf_counter() - span.started,
                    final_loss=history[-1]["loss"] if history else None)
-    if step < total:
+    if interrupted:
+        signum = stopper.signum or signal.SIGINT  # another rank's signal: this one saw none itself
+        summary.update(interrupted=True, exit_code=128 + signum)
+        log(f"interrupted at step {step}: --resume continues from {last_saved}")
+    elif step < total:
         log(f"stopped at step {step} of {total} (--stop-at): --resume continues")
-        return summary
-    if main:
-        if history:
-            atomic_write(out / "loss.svg", loss_curve_svg([m["step"] for m in history], [m["loss"] for m in history]))
-        final = out / "model"
-        model.to(getattr(torch, model.config.torch_dtype))  # the source's dtype (bf16 for StableLM-3B)
-        model.save_pretrained(final)
-        tok.save(final)
-        summary["model"] = str(final)
-        log(f"saved the trained model as a Hugging Face directory: {final}")
-        if held_out:
-            model.eval()
-            summary["accuracy"], completions = exact_match(model, tok, held_out, device, precision)
-            summary["eval_loss"] = teacher_forced_loss(model, tok, held_out, device, precision)
-            before = f" (untrained: {summary['accuracy_untrained']:.1%})" if "accuracy_untrained" in summary else ""
-            log(f"held-out exact match: {summary['accuracy']:.1%} of {len(held_out)}{before}; teacher-forced loss "
-                f"{summary['eval_loss']:.4f}. Example: {cot_prompt(held_out[0].prompt)!r} -> {completions[0]!r}")
+    elif main:
+        finish(model, tok, out, history, held_out, device, precision, summary, log)
     return summary
 
 # ----------------------------------------------------------------------------- compare: the card's table at small scale
@@ -1510,30 +1698,38 @@ def evaluate_gsm8k(complete, problems, train=None, format="harness", limit=None)
 
 
 def add_config_flags(parser, preset: dict):
-    """One --flag per TrainConfig field, its help from the field, its default the recipe's (or the preset's)."""
+    """One --flag per TrainConfig field, its help from the field; the help shows the recipe's default and, where
+    the preset changes it, the preset's value: "(default 1e-05; demo: 0.001)"."""
     for f in fields(TrainConfig):
         extra = {k: v for k, v in f.metadata.items() if k != "help"}
-        default = f"default {f.default!r}" + (f", {preset['name']} {preset[f.name]!r}" if f.name in preset else "")
+        default = f"default {f.default!r}" + (f"; {preset['name']}: {preset[f.name]!r}" if f.name in preset else "")
         kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
         parser.add_argument(f"--{_flag(f.name)}", default=argparse.SUPPRESS, help=f"{f.metadata['help']} ({default})",
                             **kind, **extra)
 
 
+def given_flags(args) -> dict:
+    """The TrainConfig fields whose flags were typed (argparse leaves the others unset)."""
+    return {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+
+
 def config_from_args(args, preset: dict) -> TrainConfig:
-    """The recipe, then the preset when neither --model nor --data is given, then the flags given."""
-    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
-    base = {k: v for k, v in preset.items() if k != "name"} if not given.get("model") and not given.get("data") \
-        else {}
-    return TrainConfig(**{**base, **given})
+    """The recipe's defaults, then the preset when neither --model nor --data is given, then the flags given."""
+    given = given_flags(args)
+    uses_preset = not given.get("model") and not given.get("data")
+    preset_values = {k: v for k, v in preset.items() if k != "name"} if uses_preset else {}
+    return TrainConfig(**{**preset_values, **given})
 
 
 def cmd_train(args):
-    cfg = config_from_args(args, {"name": "demo", **DEMO})
+    cfg = config_from_args(args, DEMO)
     if not cfg.model and not cfg.data:
         print(f"embedded demo (preset: {', '.join(f'--{_flag(k)} {v}' for k, v in DEMO.items())}; flags given "
               f"override it)")
+        if "out" not in given_flags(args) and not cfg.resume and "overwrite" not in given_flags(args):
+            cfg = replace(cfg, overwrite=True)  # `make train` again starts the demo over in its own directory
     summary = train(cfg)
-    return 130 if summary.get("interrupted") else 0
+    return summary.get("exit_code", 0)
 
 
 def cmd_compare(args):
@@ -1652,11 +1848,17 @@ def build_parser():
 
 
 def main(argv=None):
+    """Every command behind one error boundary: an expected failure is one `error:` line on stderr and exit code 1
+    (argparse's usage errors: 2), an interruption one line and 130 (143 for SIGTERM), never a traceback."""
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (TrainError, DataError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    except (TrainError, DataError, ValueError, OSError) as e:
+        print(error_line(e), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as e:
+        print(f"interrupted ({e or 'SIGINT'})", file=sys.stderr)
+        return getattr(e, "exit_code", 130)
 
 
 if __name__ == "__main__":
