@@ -998,20 +998,21 @@ class ARCQuestion:
     gold: int  # index of the answerKey among the labels
 
 
-def read_arc(path) -> list:
-    """ARC JSON Lines (id, question, choices {text, label}, answerKey per row: what `data.py download arc` writes)
-    -> [ARCQuestion]. The first bad row raises DataError naming file, line and field."""
+def read_json_objects(path, fields: str) -> list:
+    """[(where, row)] of a JSON Lines file whose rows are objects ('file:line', the parsed dict). Lines split on
+    '\n' only (json.dumps leaves U+2028 and friends raw inside strings); a file that cannot be read, a malformed
+    line, a row that is not an object (it should hold `fields`) or no rows at all raise DataError."""
     path = Path(path).expanduser()
     try:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except IsADirectoryError:
-        raise DataError(f"{path}: a directory, not an ARC JSON Lines file") from None
+        raise DataError(f"{path}: a directory, not a JSON Lines file") from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e})") from None
-    questions = []
-    for n, line in enumerate(text.split("\n"), 1):  # "\n" only: U+2028 and friends may sit raw inside strings
+    rows = []
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         where = f"{path}:{n}"
@@ -1020,12 +1021,17 @@ def read_arc(path) -> list:
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(row, dict):
-            raise DataError(f"{where}: a row must be a JSON object with id, question, choices and answerKey, "
-                            f"got {type(row).__name__}")
-        questions.append(_arc_question(row, where))
-    if not questions:
+            raise DataError(f"{where}: a row must be a JSON object with {fields}, got {type(row).__name__}")
+        rows.append((where, row))
+    if not rows:
         raise DataError(f"{path}: no rows")
-    return questions
+    return rows
+
+
+def read_arc(path) -> list:
+    """ARC JSON Lines (id, question, choices {text, label}, answerKey per row: what `data.py download arc` writes)
+    -> [ARCQuestion]. The first bad row raises DataError naming file, line and field."""
+    return [_arc_question(row, where) for where, row in read_json_objects(path, "id, question, choices and answerKey")]
 
 
 def _arc_question(row: dict, where: str) -> ARCQuestion:
