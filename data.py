@@ -962,12 +962,13 @@ def score_gsm8k(completions: list, references: list, format: str = "harness") ->
     return scores
 
 
-# ----------------------------------------------------------------------------- ARC (lm-evaluation-harness arc_challenge / arc_easy)
+# ----------------------------------------------------------------------------- ARC evaluation (lm-eval harness)
 # What EleutherAI lm-evaluation-harness does for `--tasks arc_challenge --num_fewshot 25` (and arc_easy), minus the
 # model. Followed: tasks/arc/arc_easy.yaml (metadata version 1.0; arc_challenge.yaml includes it and changes only
 # dataset_name), api/samplers.py (ContextSampler), api/task.py (ConfigurableTask.fewshot_context,
-# construct_requests, process_results), api/metrics.py (mean_stderr) and models/huggingface.py (_encode_pair) as
-# they read from 0.4.2 (early 2024, the card's time) to the current main branch; none of these steps changed.
+# construct_requests, process_results), api/metrics.py (mean_stderr) and api/model.py (_encode_pair) of lm-eval
+# 0.4.13, checked against it run as a library; the main branch and the early-2024 0.4 sources (the card's time) read
+# the same for every step below.
 #   docs     allenai/ai2_arc, config ARC-Challenge or ARC-Easy: the questions of the test split in file order, the
 #            few-shot examples from the train split (the yaml names no fewshot_split, so fewshot_docs falls back to
 #            training_docs).

@@ -1260,7 +1260,7 @@ def compare(base: TrainConfig, seeds, modes=MODES[::-1], log=print) -> dict:
 
 # ----------------------------------------------------------------------------- using a model: chat, GSM8K and ARC
 # Log-likelihoods as lm-evaluation-harness's Hugging Face model computes them (models/huggingface.py,
-# HFLM._loglikelihood_tokens, the same from 0.4.2 to the current main branch): the input is
+# HFLM._loglikelihood_tokens of lm-eval 0.4.13, checked against it; early-2024 0.4 sources read the same): the input is
 # (context + continuation)[-(max_length + 1):][:-1], so a context too long for the model loses tokens on its left;
 # max_length is config.json's max_position_embeddings (the first of n_positions, max_position_embeddings, n_ctx that
 # the config has); a request's score is the sum of its continuation tokens' log-softmax values, and `greedy` says

@@ -262,16 +262,16 @@ def test_chat_says_so_for_undecodable_bytes_and_goes_on(tiny_model_dir):
     assert out.count("not valid UTF-8") == 2 and out.count("you> ") == 4
 
 
-def test_gsm8k_prompts_longer_than_the_context_are_cut_on_the_left(tiny_model_dir, tmp_path):
+def test_gsm8k_prompts_longer_than_the_context_are_cut_on_the_left(tiny_model_dir, tmp_path, capsys):
     """As HFLM.generate_until: the prompt keeps its last (context - max_new_tokens) tokens; the run says so."""
     for name, rows in (("test", TEST), ("train", TRAIN)):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"question": p.question, "answer": p.answer})
                                                         + "\n" for p in rows))
-    run = run_cli("eval", "gsm8k", "--model", tiny_model_dir, "--data", tmp_path / "test.jsonl", "--fewshot-data",
-                  tmp_path / "train.jsonl", "--max-new-tokens", "4", "--output", tmp_path / "out.jsonl",
-                  "--device", "cpu")
-    assert run.returncode == 0, run.stderr
-    assert "3 of 3 prompts exceed 124 tokens (the model's context less --max-new-tokens): cut on the left" in run.stderr
+    assert remask.main(["eval", "gsm8k", "--model", str(tiny_model_dir), "--data", str(tmp_path / "test.jsonl"),
+                        "--fewshot-data", str(tmp_path / "train.jsonl"), "--max-new-tokens", "4", "--output",
+                        str(tmp_path / "out.jsonl"), "--device", "cpu"]) == 0
+    said = capsys.readouterr().err
+    assert "3 of 3 prompts exceed 124 tokens (the model's context less --max-new-tokens): cut on the left" in said
     tok, model, device = load_for_inference(tiny_model_dir, "cpu")
     prompt = gsm8k_prompts(TEST, TRAIN, "harness")[0]
     cut = tok.encode(prompt)[-124:]
