@@ -34,8 +34,8 @@ TEST = [question(100 + i, n_choices=3 + i % 3) for i in range(5)]
 # ----------------------------------------------------------------------------- prompts and choices
 
 def test_prompt_and_choice_strings_of_unseen_questions():
-    q = ARCQuestion("Mercury_7", "Which  gas do plants take in?\n(Hint: air)", ["oxygen ", "carbon dioxide", "Ünïcode"],
-                    ["1", "2", "3"], 1)
+    q = ARCQuestion("Mercury_7", "Which  gas do plants take in?\n(Hint: air)",
+                    ["oxygen ", "carbon dioxide", "Ünïcode"], ["1", "2", "3"], 1)
     assert data.arc_prompt(q) == "Question: Which  gas do plants take in?\n(Hint: air)\nAnswer:"
     assert data.arc_continuations(q) == [" oxygen ", " carbon dioxide", " Ünïcode"]  # verbatim after one space
 
@@ -85,7 +85,8 @@ def neox():
     ("Answer:\n", "x", ["Answer", ":"], ["Ċ", "x"]),  # str.rstrip: a newline is whitespace too
     ("Answer:\u00a0", "iron", ["Answer", ":"], ["Âł", "iron"]),  # and so is U+00A0
     ("The cat", "s are", ["The", "Ġcat"], ["Ġare"]),  # split by token count: ' cats' took the 's'
-    ("Question: Café?\nAnswer:", " 東京 😀", ["Ċ", "Answer", ":"], ["Ġ", "æĿ", "±", "äº", "¬", "ĠðŁĺ", "Ģ"]),
+    ("Question: Café?\nAnswer:", " 東京 😀", ["Ċ", "Answer", ":"],
+     ["Ġ", "æĿ", "±", "äº", "¬", "ĠðŁĺ", "Ģ"]),  # byte-level pieces of multi-byte characters
     ("", " iron", ["<|endoftext|>"], ["Ġiron"]),  # an empty context conditions on <|endoftext|>
 ])
 def test_context_continuation_token_split(neox, context, continuation, context_tail, continuation_tokens):
