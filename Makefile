@@ -14,7 +14,7 @@ help:
 	@echo "make bench                     throughput benchmarks on the current device"
 	@echo "make data                      download the recipe's datasets and GSM8K into data/"
 	@echo "make quantize MODEL=DIR OUT=DIR  LLM.int8 8-bit copy of a checkpoint"
-	@echo "make eval MODEL=DIR DATA=DIR   GSM8K 5-shot strict-match (DATA holds gsm8k test/train .jsonl)"
+	@echo "make eval MODEL=DIR [DATA=data]  the card's table: GSM8K 5-shot strict-match, ARC-Challenge 25-shot acc_norm"
 	@echo "make compare                   SFT vs Masked Thought vs ReMask on the embedded task"
 
 .venv/installed: requirements.txt
@@ -38,10 +38,15 @@ quantize: $(ENV)
 	@test -n "$(MODEL)" -a -n "$(OUT)" || { echo "usage: make quantize MODEL=IN_DIR OUT=OUT_DIR"; exit 2; }
 	$(PYTHON) quantize.py $(MODEL) $(OUT) $(ARGS)
 
+# Both columns of the card's table; the per-question rows land beside the model directory (MODEL-gsm8k.jsonl, ...).
+EVAL_DATA = $(or $(DATA),data)
+EVAL_OUT = $(patsubst %/,%,$(MODEL))
 eval: $(ENV)
 	@test -n "$(MODEL)" || { echo "usage: make eval MODEL=DIR [DATA=data]"; exit 2; }
-	$(PYTHON) remask.py eval gsm8k --model $(MODEL) --data $(or $(DATA),data)/gsm8k-test.jsonl \
-		--fewshot-data $(or $(DATA),data)/gsm8k-train.jsonl $(ARGS)
+	$(PYTHON) remask.py eval gsm8k --model $(MODEL) --data $(EVAL_DATA)/gsm8k-test.jsonl \
+		--fewshot-data $(EVAL_DATA)/gsm8k-train.jsonl --output $(EVAL_OUT)-gsm8k.jsonl $(ARGS)
+	$(PYTHON) remask.py eval arc --model $(MODEL) --data $(EVAL_DATA)/ARC-Challenge-test.jsonl \
+		--fewshot-data $(EVAL_DATA)/ARC-Challenge-train.jsonl --output $(EVAL_OUT)-arc-challenge.jsonl $(ARGS)
 
 compare: $(ENV)
 	$(PYTHON) remask.py compare $(ARGS)

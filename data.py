@@ -393,6 +393,23 @@ def json_lines(path: Path, text: str) -> list:
     return rows
 
 
+def read_json_objects(path, fields: str) -> list:
+    """[(where, row)] of a JSON Lines file whose rows are objects holding `fields` (evaluation data); a file that
+    cannot be read, a malformed line, a row that is not an object or no rows at all raise DataError."""
+    path = Path(path).expanduser()
+    rows = []
+    for where, row, error in json_lines(path, read_text(path)):
+        if error:
+            raise DataError(f"{where}: {error}")
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: the row is a JSON {JSON_TYPES.get(type(row), 'value')}, expected an object "
+                            f"with {fields}")
+        rows.append((where, row))
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
 # ----------------------------------------------------------------------------- tokenizer
 # A Hugging Face tokenizer.json with the five tags added as special tokens.
 
@@ -758,7 +775,11 @@ DATASETS = {  # name: (hub dataset, config, {split: output file})
     "reddit": ("euclaise/reddit-instruct-curated", "default", {"train": "reddit.jsonl"}),
     "oasst2": ("sablo/oasst2_curated", "default", {"train": "oasst2.jsonl"}),
     "gsm8k": ("openai/gsm8k", "main", {"train": "gsm8k-train.jsonl", "test": "gsm8k-test.jsonl"}),
+    **{f"arc-{level.lower()}": ("allenai/ai2_arc", f"ARC-{level}",
+                                {split: f"ARC-{level}-{split}.jsonl" for split in ("train", "validation", "test")})
+       for level in ("Challenge", "Easy")},
 }
+DATASET_GROUPS = {"arc": ("arc-challenge", "arc-easy")}  # a name that downloads several
 
 
 class DownloadError(RuntimeError):
@@ -892,7 +913,7 @@ def _fetch_rows(dataset: str, config: str, split: str, path: Path, offset: int, 
 def download(name: str, out_dir, endpoint: str = DEFAULT_ENDPOINT, retries: int = 6, backoff: float = 1.0,
              timeout: float = 60.0, force: bool = False, log=print) -> list:
     """Download a named dataset (or "all") into out_dir; finished files are kept unless force."""
-    names = list(DATASETS) if name == "all" else [name]
+    names = list(DATASETS) if name == "all" else list(DATASET_GROUPS.get(name, [name]))
     for n in names:
         if n not in DATASETS:
             raise DownloadError(f"unknown dataset {n!r}; choose from {', '.join(DATASETS)} or all")
@@ -952,14 +973,8 @@ class GSM8KProblem:
 def read_gsm8k(path) -> list:
     """GSM8K JSON Lines (question, answer per row; what `data.py download gsm8k` writes) -> [GSM8KProblem].
     The first bad row raises DataError naming file and line."""
-    path = Path(path).expanduser()
     problems = []
-    for where, row, error in json_lines(path, read_text(path)):
-        if error:
-            raise DataError(f"{where}: {error}")
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: the row is a JSON {JSON_TYPES.get(type(row), 'value')}, expected an object "
-                            "with question and answer")
+    for where, row in read_json_objects(path, "question and answer"):
         for key in ("question", "answer"):
             if not isinstance(row.get(key), str) or not row[key].strip():
                 got = "missing" if row.get(key) is None else f"{type(row[key]).__name__} {row[key]!r:.40}"
@@ -967,8 +982,6 @@ def read_gsm8k(path) -> list:
         if "#### " not in row["answer"]:
             raise DataError(f"{where}: field 'answer' has no '#### ' final answer (GSM8K main config expected)")
         problems.append(GSM8KProblem(row["question"], row["answer"]))
-    if not problems:
-        raise DataError(f"{path}: no rows")
     return problems
 
 
@@ -1067,6 +1080,138 @@ def score_gsm8k(completions: list, references: list, format: str = "harness") ->
     return scores
 
 
+# ----------------------------------------------------------------------------- ARC evaluation (lm-eval harness)
+# What EleutherAI lm-evaluation-harness does for `--tasks arc_challenge --num_fewshot 25` (and arc_easy), minus the
+# model. Followed: tasks/arc/arc_easy.yaml (metadata version 1.0; arc_challenge.yaml includes it and changes only
+# dataset_name), api/samplers.py (ContextSampler), api/task.py (ConfigurableTask.fewshot_context,
+# construct_requests, process_results), api/metrics.py (mean_stderr) and api/model.py (_encode_pair) of lm-eval
+# 0.4.13, checked against it run as a library; the main branch and the early-2024 0.4 sources (the card's time) read
+# the same for every step below.
+#   docs     allenai/ai2_arc, config ARC-Challenge or ARC-Easy: the questions of the test split in file order, the
+#            few-shot examples from the train split (the yaml names no fewshot_split, so fewshot_docs falls back to
+#            training_docs).
+#   prompt   doc_to_text 'Question: {{question}}\nAnswer:'. One random.Random(1234) serves the whole task: for each
+#            question in order, rnd.sample(train, 25) (the extra draw that drops the question itself happens only
+#            when the few-shot and the test split are the same split); each shot is doc_to_text + target_delimiter
+#            ' ' + the text of its gold choice + fewshot_delimiter '\n\n', then the question's own doc_to_text.
+#   requests one log-likelihood request (context, ' ' + text) per choice (doc_to_choice '{{choices.text}}');
+#            the gold index is choices.label.index(answerKey).
+#   metrics  acc: argmax of the log-likelihoods; acc_norm: argmax of log-likelihood / len(choice text), the length in
+#            characters of the choice WITHOUT the leading delimiter; np.argmax takes the first of equal values.
+#            Both are averaged with mean_stderr = sample std (n-1) / sqrt(n).
+#   tokens   encode_pair = the harness's _encode_pair: whitespace at the end of the context (str.rstrip's, so also
+#            '\n' and U+00A0) moves to the front of the continuation; the continuation's tokens are those of the
+#            whole string after as many tokens as the context alone has. The split follows that count, not the
+#            characters: 'The cat' + 's are' scores only ' are' (the whole string's ' cats' took the 's').
+
+ARC_FEWSHOT = 25  # the card's (and the Open LLM Leaderboard's) num_fewshot for ARC
+ARC_SEED = 1234  # simple_evaluate's default fewshot_random_seed
+
+
+@dataclass
+class ARCQuestion:
+    id: str
+    question: str  # verbatim, as the template inserts it
+    choices: list  # the choices' texts, in the file's order
+    labels: list  # their labels ('A'.., or '1'..)
+    gold: int  # index of the answerKey among the labels
+
+
+def read_arc(path) -> list:
+    """ARC JSON Lines (id, question, choices {text, label}, answerKey per row: what `data.py download arc` writes)
+    -> [ARCQuestion]. The first bad row raises DataError naming file, line and field."""
+    return [_arc_question(row, where) for where, row in read_json_objects(path, "id, question, choices and answerKey")]
+
+
+def _arc_question(row: dict, where: str) -> ARCQuestion:
+    for key in ("id", "question", "answerKey"):
+        if not isinstance(row.get(key), str) or not row[key].strip():
+            got = "missing" if row.get(key) is None else f"{type(row[key]).__name__} {row[key]!r:.40}"
+            raise DataError(f"{where}: field '{key}' must be a non-empty string, got {got}")
+    choices = row.get("choices")
+    if not isinstance(choices, dict) or not all(isinstance(choices.get(k), list) for k in ("text", "label")):
+        raise DataError(f"{where}: field 'choices' must be an object with lists 'text' and 'label', "
+                        f"got {str(choices)[:60]}")
+    texts, labels = choices["text"], choices["label"]
+    if len(texts) != len(labels) or len(texts) < 2:
+        raise DataError(f"{where}: 'choices' needs at least two texts and as many labels, "
+                        f"got {len(texts)} texts and {len(labels)} labels")
+    for i, (text, label) in enumerate(zip(texts, labels)):
+        if not isinstance(text, str) or not text:  # acc_norm divides by the text's length
+            raise DataError(f"{where}: choice {i} text must be a non-empty string, got {text!r:.40}")
+        if not isinstance(label, str):
+            raise DataError(f"{where}: choice {i} label must be a string, got {label!r:.40}")
+    if len(set(labels)) != len(labels):
+        raise DataError(f"{where}: choice labels repeat: {labels}")
+    if row["answerKey"] not in labels:
+        raise DataError(f"{where}: answerKey {row['answerKey']!r} is not among the choice labels {labels}")
+    return ARCQuestion(row["id"], row["question"], list(texts), list(labels), labels.index(row["answerKey"]))
+
+
+def arc_prompt(question: ARCQuestion) -> str:
+    return f"Question: {question.question}\nAnswer:"
+
+
+def arc_continuations(question: ARCQuestion) -> list:
+    """The continuation scored for each choice: the target delimiter ' ' and the choice's text."""
+    return [" " + text for text in question.choices]
+
+
+def arc_contexts(questions: list, train: list, k: int = ARC_FEWSHOT, seed: int = ARC_SEED) -> list:
+    """The harness's k-shot context for each question, in order. One generator serves all questions, so a
+    question's shots depend on its position: the first N contexts are those of `--limit N`."""
+    if k > len(train):
+        raise ValueError(f"{k}-shot contexts need at least {k} training questions, got {len(train)}")
+    rnd = random.Random(seed)
+    contexts = []
+    for question in questions:
+        shots = rnd.sample(train, k)
+        contexts.append("".join(f"{arc_prompt(s)} {s.choices[s.gold]}\n\n" for s in shots) + arc_prompt(question))
+    return contexts
+
+
+def encode_pair(tok: Tokenizer, context: str, continuation: str) -> tuple:
+    """(context ids, continuation ids) as lm-evaluation-harness splits a log-likelihood request. An empty context
+    becomes <|endoftext|> (the harness's loglikelihood does so: the first token needs something to condition on)."""
+    if not context:
+        return [tok.eos_id], tok.encode(continuation)
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    context_ids = tok.encode(context)
+    return context_ids, tok.encode(context + continuation)[len(context_ids):]
+
+
+@dataclass
+class ARCScore:
+    predictions: list  # per question, the index of the chosen choice
+    correct: list  # per question, bool: prediction == gold
+    accuracy: float  # mean of correct
+    stderr: float | None  # sample std (n-1) / sqrt(n), the harness's mean_stderr; None below two questions
+
+
+def score_arc(loglikelihoods: list, questions: list) -> dict:
+    """{'acc': ARCScore, 'acc_norm': ARCScore} from each question's list of choice log-likelihoods."""
+    if len(loglikelihoods) != len(questions):
+        raise ValueError(f"{len(loglikelihoods)} sets of log-likelihoods but {len(questions)} questions")
+    if not questions:
+        raise ValueError("no questions to score")
+    predictions = {"acc": [], "acc_norm": []}
+    for lls, question in zip(loglikelihoods, questions):
+        if len(lls) != len(question.choices):
+            raise ValueError(f"question {question.id}: {len(lls)} log-likelihoods for {len(question.choices)} choices")
+        lengths = np.array([float(len(text)) for text in question.choices])
+        predictions["acc"].append(int(np.argmax(lls)))
+        predictions["acc_norm"].append(int(np.argmax(np.array(lls, dtype=np.float64) / lengths)))
+    scores = {}
+    for name, chosen in predictions.items():
+        correct = [c == q.gold for c, q in zip(chosen, questions)]
+        n, mean = len(correct), sum(correct) / len(correct)
+        stderr = math.sqrt(sum((c - mean) ** 2 for c in correct) / (n - 1)) / math.sqrt(n) if n > 1 else None
+        scores[name] = ARCScore(chosen, correct, mean, stderr)
+    return scores
+
+
 # ----------------------------------------------------------------------------- command line
 # `python data.py show ...` and `python data.py download ...`, behind one error boundary.
 
@@ -1152,9 +1297,9 @@ def main(argv=None):
     show.add_argument("--mask-with", default=MaskConfig.mask_with, choices=["mask", "random"])
     show.add_argument("--digits", type=int, default=3, help="operand digits of the embedded task")
     get = sub.add_parser("download", help="fetch datasets through the Hugging Face dataset viewer API")
-    get.add_argument("name", choices=[*DATASETS, "all"])
-    get.add_argument("--out", default="data",
-                     help="output directory (files: NAME.jsonl, gsm8k-{train,test}.jsonl), made if missing")
+    get.add_argument("name", choices=[*DATASETS, *DATASET_GROUPS, "all"], help="arc: arc-challenge and arc-easy")
+    get.add_argument("--out", default="data", help="output directory, made if missing (files: NAME.jsonl, "
+                     "gsm8k-{train,test}.jsonl, ARC-{Challenge,Easy}-{train,validation,test}.jsonl)")
     get.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help="dataset viewer base URL")
     get.add_argument("--retries", type=int, default=6, help="retries per request (exponential back-off)")
     get.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds, doubled each time")

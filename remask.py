@@ -63,10 +63,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from data import (GSM8K_MAX_NEW_TOKENS, GSM8K_STOP, IGNORE_INDEX, MODES, CoTRecord, DataError, Loader, MaskConfig,
-                  Tokenizer, atomic_write, chat_prompt, collate, cot_prompt, cut_at_stop, embedded_dataset,
-                  embedded_tokenizer, encode_many, extract_answer, fit_length, format_record, gsm8k_prompts,
-                  load_tokenizer, mask_example, read_gsm8k, read_mixture, round_up, score_gsm8k)
+from data import (ARC_FEWSHOT, ARC_SEED, GSM8K_MAX_NEW_TOKENS, GSM8K_STOP, IGNORE_INDEX, MODES, PAD_ID, CoTRecord,
+                  DataError, Loader, MaskConfig, Tokenizer, arc_contexts, arc_continuations, atomic_write, chat_prompt,
+                  collate, cot_prompt, cut_at_stop, embedded_dataset, embedded_tokenizer, encode_many, encode_pair,
+                  extract_answer, fit_length, format_record, gsm8k_prompts, load_tokenizer, mask_example, read_arc,
+                  read_gsm8k, read_mixture, round_up, score_arc, score_gsm8k)
 from model import CONFIGS, Config, StableLM, generate, recover_directory, write_directory
 
 # ----------------------------------------------------------------------------- objective: the definition
@@ -1148,14 +1149,18 @@ def completion_text(tok, ids, stop_ids, stop_strings=(), skip_special_tokens=Fal
 
 @torch.no_grad()
 def greedy_completions(model, tok, prompts, max_new_tokens, device, precision="fp32", batch_size=64,
-                       stop_ids=None, stop_strings=(), log=None, compile=False, skip_special_tokens=False) -> list:
+                       stop_ids=None, stop_strings=(), log=None, compile=False, skip_special_tokens=False,
+                       max_prompt_tokens=None) -> list:
     """Greedy continuations of prompts (left-padded batches) as completion_text gives them; stop ids default to
     <|user|>, <|endoftext|>; stop strings cost a decode per token, so only when asked (generation stops when the
-    text with its tags holds one, as the harness's stopping criterion). compile: the compiled decode step."""
+    text with its tags holds one, as the harness's stopping criterion). compile: the compiled decode step.
+    max_prompt_tokens: longer prompts keep only their last tokens (the harness's left truncation)."""
     stop_ids = (tok.user_id, tok.eos_id) if stop_ids is None else stop_ids
     out = []
     for start in range(0, len(prompts), batch_size):
         encoded = [tok.encode(p) for p in prompts[start:start + batch_size]]
+        if max_prompt_tokens is not None:
+            encoded = [ids[-max_prompt_tokens:] for ids in encoded]
         T = max(map(len, encoded))
         ids = torch.full((len(encoded), T), tok.pad_id, dtype=torch.long)  # (B, T) left-padded
         mask = torch.zeros_like(ids)
@@ -1629,12 +1634,22 @@ def compare(base: TrainConfig, seeds, modes=MODES[::-1], log=print) -> dict:
         f"{device}; results in {Path(base.out) / 'results.json'}")
     return results
 
-# ----------------------------------------------------------------------------- using a model: chat and GSM8K
+# ----------------------------------------------------------------------------- using a model: chat, GSM8K and ARC
+# Log-likelihoods as lm-evaluation-harness's Hugging Face model computes them (models/huggingface.py,
+# HFLM._loglikelihood_tokens of lm-eval 0.4.13, checked against it; early-2024 0.4 sources read the same): the input is
+# (context + continuation)[-(max_length + 1):][:-1], so a context too long for the model loses tokens on its left;
+# max_length is config.json's max_position_embeddings (the first of n_positions, max_position_embeddings, n_ctx that
+# the config has); a request's score is the sum of its continuation tokens' log-softmax values, and `greedy` says
+# whether every one of them is the argmax. Batches are right-padded without an attention mask, as there: causal
+# attention never looks right, so a row's values do not depend on its batch. Deliberate differences: log-softmax
+# in float32 (the harness takes it in the dtype of the model's logits), and only the continuation's positions go
+# through lm_head. Long generation prompts (GSM8K) are cut on the left to max_length - max_new_tokens tokens, as
+# HFLM.generate_until does.
 
 
 def load_for_inference(path, device_name="auto") -> tuple:
     """(tokenizer, model, device) of a Hugging Face directory, float or 8-bit, ready for generation."""
-    device = torch.device(device_name if device_name != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device_name)
     path = Path(path).expanduser()
     try:
         tok = load_tokenizer(path)
@@ -1647,13 +1662,30 @@ def load_for_inference(path, device_name="auto") -> tuple:
     return tok, model, device
 
 
+def context_length(model) -> int:
+    """The longest input the model was trained on: config.json's max_position_embeddings."""
+    return model.config.max_position_embeddings
+
+
+def check_fits(model, prompt_tokens: int, max_new_tokens: int):
+    """Refuse a generation that would run past the model's context (positions it never saw give garbage)."""
+    limit = context_length(model)
+    if prompt_tokens + max_new_tokens > limit:
+        raise ValueError(f"the prompt is {prompt_tokens} tokens and --max-new-tokens {max_new_tokens}: "
+                         f"{prompt_tokens + max_new_tokens} tokens do not fit the model's context of {limit} "
+                         f"(max_position_embeddings)")
+
+
 def stream_reply(model, tok, prompt, device, max_new_tokens, temperature=0.0, top_k=None, seed=0, write=print,
                  compile=False) -> str:
-    """Write the continuation of prompt piece by piece as it is generated, up to <|user|> or the end of text."""
+    """Write the continuation of prompt piece by piece as it is generated, up to <|user|> or the end of text.
+    A prompt that leaves no room for max_new_tokens in the model's context raises ValueError."""
+    ids = tok.encode(prompt)
+    check_fits(model, len(ids), max_new_tokens)
     stops = torch.tensor([tok.user_id, tok.eos_id], device=device)
     text = TextStream(tok, 1, on_text=lambda piece: write(piece, end="", flush=True))
     shown = lambda token: None if torch.isin(token, stops).any() else text(token)  # noqa: E731 (tags unprinted)
-    generate(model, torch.tensor([tok.encode(prompt)], device=device), max_new_tokens, temperature, top_k,
+    generate(model, torch.tensor([ids], device=device), max_new_tokens, temperature, top_k,
              stop_ids=tuple(stops.tolist()), on_token=shown, generator=torch.Generator(device).manual_seed(seed),
              compile=compile)
     write()
@@ -1662,28 +1694,46 @@ def stream_reply(model, tok, prompt, device, max_new_tokens, temperature=0.0, to
 
 def chat_loop(respond, read_line=input, write=print) -> list:
     """A terminal conversation: each user line goes to respond(prompt) -> reply, the prompt holding the whole
-    history in the chat format; /reset forgets the history, /exit (or end of input) leaves. Returns the history."""
+    history in the chat format; /reset forgets the history, /exit (or end of input) leaves. A line that is not
+    UTF-8 text, or a conversation that outgrew the model's context (respond raises ValueError), is answered with
+    a note and the conversation goes on. Returns the history."""
     history = []
     write("chat: /reset forgets the conversation, /exit leaves")
     while True:
         try:
             line = read_line("you> ").strip()
+            line.encode("utf-8")  # a strict terminal fails to decode; others pass bad bytes on as surrogates
         except EOFError:
             return history
+        except UnicodeError:
+            write("(that line is not valid UTF-8 text; type it again)")
+            continue
         if line == "/exit":
             return history
         if line == "/reset":
             history = []
             write("(history cleared)")
         elif line:
-            history.append((line, respond(chat_prompt(history, line))))
+            try:
+                history.append((line, respond(chat_prompt(history, line))))
+            except ValueError as e:
+                write(f"(not answered: {e}; /reset starts a new conversation)")
+
+
+def first(items: list, limit) -> list:
+    """items[:limit], all of them for None. A limit below 1 is an error, never 'all' (0) or 'all but 3' (-3)."""
+    if limit is None:
+        return items
+    if limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {limit}")
+    return items[:limit]
 
 
 def evaluate_gsm8k(complete, problems, train=None, format="harness", limit=None) -> tuple:
     """(scores, rows) of the lm-evaluation-harness GSM8K task. complete(prompts, stop_strings) -> completions cut
     at those strings (the model in `eval`, a script in the tests); scores as data.score_gsm8k; one row per problem
     with its prompt, completion and extracted answers."""
-    problems = problems[:limit] if limit else problems
+    problems = first(problems, limit)
     prompts = gsm8k_prompts(problems, train, format)
     completions = complete(prompts, GSM8K_STOP[format])
     scores = score_gsm8k(completions, [p.answer for p in problems], format)
@@ -1691,6 +1741,77 @@ def evaluate_gsm8k(complete, problems, train=None, format="harness", limit=None)
              **{name: score.extracted[i] for name, score in scores.items()},
              **{f"{name}_correct": score.correct[i] for name, score in scores.items()}}
             for i, (prompt, completion, problem) in enumerate(zip(prompts, completions, problems))]
+    return scores, rows
+
+
+@torch.no_grad()
+def loglikelihood_tokens(model, pairs, device, precision="fp32", batch_size=32, max_length=None, log=None) -> list:
+    """[(log-likelihood, greedy)] of (context ids, continuation ids) pairs, computed as the harness does (see the
+    section's comment); max_length defaults to the model's context. Longest inputs first, as the harness batches
+    them; the results come back in the order of pairs."""
+    max_length = max_length or context_length(model)
+    for context, continuation in pairs:
+        if not context or not continuation or len(continuation) > max_length:
+            raise ValueError(f"a request needs a context and 1 to {max_length} continuation tokens, got "
+                             f"{len(context)} and {len(continuation)}")
+    inputs = [(context + continuation)[-(max_length + 1):][:-1] for context, continuation in pairs]
+    order = sorted(range(len(pairs)), key=lambda i: -len(inputs[i]))
+    results = [None] * len(pairs)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        T = max(len(inputs[i]) for i in rows)
+        ids = torch.full((len(rows), T), PAD_ID, dtype=torch.long)  # (B, T) right-padded
+        rows_at, positions, targets = [], [], []
+        for r, i in enumerate(rows):
+            n, continuation = len(inputs[i]), pairs[i][1]
+            ids[r, :n] = torch.tensor(inputs[i])
+            rows_at += [r] * len(continuation)
+            positions += range(n - len(continuation), n)  # the positions that predict the continuation
+            targets += continuation
+        with _autocast(device, precision):
+            h = model.hidden_states(ids.to(device))  # (B, T, C)
+            logits = model.lm_head(h[torch.tensor(rows_at), torch.tensor(positions)])  # (N, V) continuation only
+        logprobs = logits.float().log_softmax(-1)  # (N, V)
+        target = torch.tensor(targets, device=device)  # (N,)
+        picked = logprobs.gather(-1, target[:, None]).squeeze(-1)  # (N,)
+        hit = logprobs.argmax(-1) == target  # (N,)
+        lengths = [len(pairs[i][1]) for i in rows]
+        for i, lls, hits in zip(rows, picked.split(lengths), hit.split(lengths)):
+            results[i] = (float(lls.sum()), bool(hits.all()))
+        if log is not None and (start // batch_size % 10 == 9 or start + batch_size >= len(order)):
+            log(f"{min(start + batch_size, len(order))}/{len(order)} log-likelihood requests done")
+    return results
+
+
+def loglikelihoods(model, tok, requests, device, precision="fp32", batch_size=32, log=None) -> list:
+    """[(log-likelihood, greedy)] of (context, continuation) strings, split into tokens as the harness splits them
+    (data.encode_pair); says how many contexts are cut to fit the model."""
+    pairs = [encode_pair(tok, context, continuation) for context, continuation in requests]
+    max_length = context_length(model)
+    cut = sum(len(context) + len(continuation) > max_length + 1 for context, continuation in pairs)
+    if cut and log is not None:
+        log(f"{cut} of {len(pairs)} requests exceed the model's context of {max_length} tokens: their contexts "
+            "are cut on the left, as lm-evaluation-harness cuts them")
+    return loglikelihood_tokens(model, pairs, device, precision, batch_size, max_length, log)
+
+
+def evaluate_arc(loglikelihood, questions, train, limit=None, k=ARC_FEWSHOT, seed=ARC_SEED) -> tuple:
+    """(scores, rows) of the lm-evaluation-harness ARC task (arc_challenge or arc_easy: the same code on other
+    data). loglikelihood(requests) -> [(log-likelihood, greedy)] for (context, continuation) strings (the model
+    in `eval`, a script in the tests); scores as data.score_arc; one row per question with its context, the
+    log-likelihood of each choice and both predictions."""
+    questions = first(questions, limit)
+    contexts = arc_contexts(questions, train, k, seed)
+    requests = [(context, continuation) for context, question in zip(contexts, questions)
+                for continuation in arc_continuations(question)]
+    answers = iter(loglikelihood(requests))
+    per_question = [[next(answers) for _ in question.choices] for question in questions]
+    scores = score_arc([[ll for ll, _ in answer] for answer in per_question], questions)
+    rows = [{"index": i, "id": question.id, "prompt": context, "choices": question.choices,
+             "loglikelihoods": [ll for ll, _ in answer], "greedy": [greedy for _, greedy in answer],
+             "prediction": scores["acc"].predictions[i], "prediction_norm": scores["acc_norm"].predictions[i],
+             "gold": question.gold, "acc": scores["acc"].correct[i], "acc_norm": scores["acc_norm"].correct[i]}
+            for i, (context, question, answer) in enumerate(zip(contexts, questions, per_question))]
     return scores, rows
 
 
@@ -1742,9 +1863,37 @@ def cmd_compare(args):
     return 0
 
 
+def _check_use_flags(args):
+    """generate/chat/eval flags whose type alone admits nonsense: one error naming the flag, before a model loads."""
+    for name in ("max_new_tokens", "top_k", "limit", "batch_size"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{_flag(name)} must be at least 1, got {value}")
+    temperature = getattr(args, "temperature", 0.0)
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"--temperature must be a finite number >= 0 (0: greedy), got {temperature}")
+
+
+def _check_output_file(path: Path):
+    """Refuse an --output that cannot become a file before any work is done (an evaluation takes hours)."""
+    if path.is_dir():
+        raise ValueError(f"--output {path}: is a directory; give a file name")
+    parent = next(p for p in path.parents if p.exists())  # the nearest existing ancestor
+    if not parent.is_dir():
+        raise ValueError(f"--output {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--output {path}: cannot write in {parent}")
+
+
 def cmd_generate(args):
+    _check_use_flags(args)
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes in argv arrive as surrogates
+        raise ValueError("--prompt is not valid UTF-8 text") from None
     tok, model, device = load_for_inference(args.model, args.device)
     prompt = cot_prompt(args.prompt) if args.cot else chat_prompt([], args.prompt)
+    check_fits(model, len(tok.encode(prompt)), args.max_new_tokens)  # before the prompt is echoed
     print(prompt, end="", flush=True)
     stream_reply(model, tok, prompt, device, args.max_new_tokens, args.temperature, args.top_k, args.seed,
                  compile=args.compile)
@@ -1752,32 +1901,69 @@ def cmd_generate(args):
 
 
 def cmd_chat(args):
+    _check_use_flags(args)
     tok, model, device = load_for_inference(args.model, args.device)
+    if args.max_new_tokens >= context_length(model):
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a message in the model's "
+                         f"context of {context_length(model)} tokens")
     chat_loop(lambda prompt: stream_reply(model, tok, prompt, device, args.max_new_tokens, args.temperature,
                                           args.top_k, args.seed, compile=args.compile))
     return 0
 
 
-def cmd_eval(args):
-    if args.format == "harness" and not args.fewshot_data:
-        raise TrainError("--format harness needs --fewshot-data (the GSM8K train split, for the 5-shot examples)")
-    problems = read_gsm8k(args.data)
-    train = read_gsm8k(args.fewshot_data) if args.format == "harness" else None
-    tok, model, device = load_for_inference(args.model, args.device)
-    precision = "bf16" if device.type == "cuda" else "fp32"
+EVAL_NAMES = {"gsm8k": "GSM8K", "arc": "ARC-Challenge", "arc-challenge": "ARC-Challenge", "arc-easy": "ARC-Easy"}
+
+
+def _gsm8k_completer(args, tok, model, device, precision, log):
+    """complete(prompts, stop_strings) for evaluate_gsm8k: greedy, batched, prompts cut on the left to leave room
+    for --max-new-tokens in the model's context (HFLM.generate_until's max_length - max_gen_toks)."""
+    keep = context_length(model) - args.max_new_tokens
+    if keep < 1:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's context "
+                         f"of {context_length(model)} tokens")
     # harness: only <|endoftext|> is a stop id and tags are dropped from the text (the harness decodes with
     # skip_special_tokens=True), so "Question:" etc. end the answer; cot: the tags delimit the answer, so they stay
     harness = args.format == "harness"
     stop_ids = (tok.eos_id,) if harness else (tok.user_id, tok.eos_id)
-    complete = lambda prompts, stops: greedy_completions(  # noqa: E731
-        model, tok, prompts, args.max_new_tokens, device, precision, args.batch_size, stop_ids, stops,
-        log=lambda line: print(line, file=sys.stderr, flush=True), compile=args.compile,
-        skip_special_tokens=harness)
+
+    def complete(prompts, stop_strings):
+        cut = sum(len(tok.encode(p)) > keep for p in prompts)
+        if cut:
+            log(f"{cut} of {len(prompts)} prompts exceed {keep} tokens (the model's context less --max-new-tokens): "
+                "cut on the left, as lm-evaluation-harness cuts them")
+        return greedy_completions(model, tok, prompts, args.max_new_tokens, device, precision, args.batch_size,
+                                  stop_ids, stop_strings, log=log, compile=args.compile,
+                                  skip_special_tokens=harness, max_prompt_tokens=keep)
+    return complete
+
+
+def cmd_eval(args):
+    _check_use_flags(args)
+    gsm8k = args.task == "gsm8k"
+    if not gsm8k and args.format != "harness":
+        raise ValueError(f"--format {args.format} is for gsm8k only; {args.task} has the harness's prompt only")
+    if args.format == "harness" and not args.fewshot_data:
+        raise ValueError(f"eval {args.task} needs --fewshot-data (the train split, for the few-shot examples)")
+    output = Path(args.output or (f"gsm8k-{args.format}.jsonl" if gsm8k else f"{EVAL_NAMES[args.task].lower()}.jsonl"))
+    _check_output_file(output)
+    read = read_gsm8k if gsm8k else read_arc
+    test = read(args.data)
+    train = read(args.fewshot_data) if args.format == "harness" else None
+    tok, model, device = load_for_inference(args.model, args.device)
+    precision = resolve_precision("auto", device)
+    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     t0 = time.time()
-    scores, rows = evaluate_gsm8k(complete, problems, train, args.format, args.limit)
-    output = Path(args.output or f"gsm8k-{args.format}.jsonl")
+    if gsm8k:
+        scores, rows = evaluate_gsm8k(_gsm8k_completer(args, tok, model, device, precision, log), test, train,
+                                      args.format, args.limit)
+        title = f"GSM8K ({args.format} format, {len(rows)} problems"
+    else:
+        score = lambda requests: loglikelihoods(model, tok, requests, device, precision, args.batch_size,  # noqa: E731
+                                                log)
+        scores, rows = evaluate_arc(score, test, train, args.limit)
+        title = f"{EVAL_NAMES[args.task]} ({ARC_FEWSHOT}-shot, {len(rows)} questions"
     atomic_write(output, "".join(json.dumps(row) + "\n" for row in rows))
-    print(f"GSM8K ({args.format} format, {len(rows)} problems, {time.time() - t0:.0f}s on {device}; {output}):")
+    print(f"{title}, {time.time() - t0:.0f}s on {device}; {output}):")
     for name, score in scores.items():
         stderr = "n/a" if score.stderr is None else f"{score.stderr:.4f}"
         print(f"  {name}: {score.accuracy:.4f} ± {stderr}")
@@ -1786,15 +1972,16 @@ def cmd_eval(args):
 
 def _add_generation_flags(parser, max_new_tokens):
     parser.add_argument("--model", required=True, help="Hugging Face model directory, float or 8-bit")
-    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="tokens to generate at most")
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                        help="tokens to generate at most (the prompt and these must fit the model's context)")
     parser.add_argument("--device", default="auto", help="cuda, cpu, ...; auto: the GPU if there is one")
     parser.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graphs on a GPU: "
                         "several times faster once compiled; the first call takes a minute or so)")
 
 
 def _add_sampling_flags(parser):
-    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sampling")
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the k (>= 1) most likely tokens")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
 
 
@@ -1828,20 +2015,28 @@ def build_parser():
     _add_generation_flags(chat, 256)
     _add_sampling_flags(chat)
     chat.set_defaults(run=cmd_chat)
-    evaluate = sub.add_parser("eval", help="GSM8K as lm-evaluation-harness measures it (strict-match, 5-shot)",
-                              description="The harness's gsm8k task: 5-shot 'Question: ...\\nAnswer:' prompts drawn "
-                                          "with seed 1234, greedy decoding with its stop strings, strict-match and "
-                                          "flexible-extract accuracy with standard errors. --format cot asks in the "
-                                          "ReMask CoT template and reads the answer after <|answer|>.")
-    evaluate.add_argument("task", choices=["gsm8k"], help="the benchmark")
-    evaluate.add_argument("--data", required=True, help="GSM8K test split as JSON Lines (make data: "
-                                                        "data/gsm8k-test.jsonl)")
-    evaluate.add_argument("--fewshot-data", help="GSM8K train split for the 5-shot examples (data/gsm8k-train.jsonl)")
-    evaluate.add_argument("--format", choices=sorted(GSM8K_STOP), default="harness", help="prompt format")
-    evaluate.add_argument("--limit", type=int, default=None, help="only the first N problems")
-    evaluate.add_argument("--batch-size", type=int, default=32, help="prompts per generation batch")
-    evaluate.add_argument("--output", help="JSON Lines of every prompt, completion and extracted answer "
-                                           "(default gsm8k-FORMAT.jsonl)")
+    evaluate = sub.add_parser("eval", help="GSM8K or ARC as lm-evaluation-harness measures them",
+                              description="lm-evaluation-harness's tasks on a model directory. gsm8k: 5-shot "
+                                          "'Question: ...\\nAnswer:' prompts drawn with seed 1234, greedy decoding "
+                                          "with its stop strings, strict-match and flexible-extract accuracy with "
+                                          "standard errors (--format cot asks in the ReMask CoT template and reads "
+                                          "the answer after <|answer|>); prompts longer than the model's context "
+                                          "less --max-new-tokens lose tokens on the left, as in the harness. "
+                                          "arc (= arc-challenge), arc-easy: 25-shot contexts drawn with seed 1234, "
+                                          "the log-likelihood of each choice, acc and acc_norm with standard "
+                                          "errors; contexts longer than the model's context lose tokens on the "
+                                          "left, as in the harness.")
+    evaluate.add_argument("task", choices=list(EVAL_NAMES), help="the benchmark")
+    evaluate.add_argument("--data", required=True, help="the test split as JSON Lines (make data: "
+                                                        "data/gsm8k-test.jsonl, data/ARC-Challenge-test.jsonl)")
+    evaluate.add_argument("--fewshot-data", help="the train split, for the few-shot examples "
+                                                 "(data/gsm8k-train.jsonl, data/ARC-Challenge-train.jsonl)")
+    evaluate.add_argument("--format", choices=sorted(GSM8K_STOP), default="harness", help="gsm8k prompt format")
+    evaluate.add_argument("--limit", type=int, default=None, help="only the first N problems (N >= 1)")
+    evaluate.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass")
+    evaluate.add_argument("--output", help="JSON Lines, one row per problem: prompt, completion and extracted "
+                                           "answers (gsm8k), log-likelihood of each choice and predictions (arc); "
+                                           "default gsm8k-FORMAT.jsonl, arc-challenge.jsonl, arc-easy.jsonl")
     _add_generation_flags(evaluate, GSM8K_MAX_NEW_TOKENS)
     evaluate.set_defaults(run=cmd_eval)
     return parser

@@ -157,8 +157,9 @@ def test_download_command_all(viewer, tmp_path, capsys):
         for split in splits:
             viewer.tables[(dataset, config, split)] = tinycot_rows(3)
     data.main(["download", "all", "--out", str(tmp_path), "--endpoint", viewer.endpoint, "--backoff", "0"])
+    arc = [f"ARC-{level}-{split}.jsonl" for level in ("Challenge", "Easy") for split in ("test", "train", "validation")]
     assert sorted(p.name for p in tmp_path.iterdir()) == \
-        ["gsm8k-test.jsonl", "gsm8k-train.jsonl", "oasst2.jsonl", "reddit.jsonl", "tinycot.jsonl"]
+        [*arc, "gsm8k-test.jsonl", "gsm8k-train.jsonl", "oasst2.jsonl", "reddit.jsonl", "tinycot.jsonl"]
     viewer.tables[("sablo/oasst2_curated", "default", "train")] = tinycot_rows(5)
     data.main(["download", "oasst2", "--out", str(tmp_path), "--endpoint", viewer.endpoint, "--force"])
     assert len(read_lines(tmp_path / "oasst2.jsonl")) == 5

@@ -1,9 +1,12 @@
-"""The commands that use a trained model: GSM8K evaluation (pipeline and score arithmetic), chat history, generate.
+"""The commands that use a trained model: GSM8K evaluation (pipeline and score arithmetic), chat history, generate,
+and their answers to bad input (one `error:` line, a non-zero exit, nothing run).
 
 The scripted completions give a known accuracy, so the arithmetic of the score is checked without a model; the
-end-to-end runs use the tiny StableLM fixture (its vocabulary grown for the embedded tokenizer) through the CLI.
+end-to-end runs use the tiny StableLM fixture (its vocabulary grown for the embedded tokenizer; context 128 tokens)
+through the CLI. ARC has its own module, test_arc.py.
 """
 import json
+import re
 import subprocess
 import sys
 
@@ -11,6 +14,7 @@ import pytest
 import torch
 
 import model as M
+import remask
 from conftest import FIXTURES, ROOT
 from data import (GSM8K_STOP, GSM8KProblem, chat_prompt, cot_prompt, embedded_tokenizer, gsm8k_prompts, load_tokenizer,
                   score_gsm8k)
@@ -90,6 +94,33 @@ def test_chat_keeps_history_in_the_chat_format_and_resets():
     assert history == [("again", "reply 3")]
 
 
+def test_chat_goes_on_after_undecodable_lines_and_refused_turns():
+    """A strict UTF-8 terminal raises while decoding; a surrogateescape one hands the bytes over as surrogates.
+    A turn the model cannot take (respond raises ValueError: the conversation outgrew the context) is not kept."""
+    lines = iter(["hello", "undecodable", "caf\udcc3", "too long", "again"])
+    notes, asked = [], []
+
+    def read_line(_):
+        line = next(lines, None)
+        if line is None:
+            raise EOFError
+        if line == "undecodable":
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+        return line
+
+    def respond(prompt):
+        asked.append(prompt)
+        if "too long" in prompt:
+            raise ValueError("the prompt is 130 tokens and --max-new-tokens 5: 135 tokens do not fit")
+        return "ok"
+
+    history = chat_loop(respond, read_line=read_line, write=lambda *a, **k: notes.append(" ".join(map(str, a))))
+    assert history == [("hello", "ok"), ("again", "ok")]
+    assert sum("not valid UTF-8" in n for n in notes) == 2 and any("not answered: the prompt is 130" in n
+                                                                    for n in notes)
+    assert len(asked) == 3 and "caf" not in "".join(asked)
+
+
 def test_chat_ends_at_end_of_input():
     def read_line(_):
         raise EOFError
@@ -164,3 +195,87 @@ def test_eval_command_errors_clearly(tiny_model_dir, tmp_path):
     for args, message in cases:
         run = run_cli("eval", "gsm8k", *args)
         assert run.returncode != 0 and message in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+# ----------------------------------------------------------------------------- bad input: one line, non-zero exit
+
+def run_main(argv, capsys):
+    """(exit code, message) of remask.main(argv): the error line comes as SystemExit's message or on stderr."""
+    try:
+        code = remask.main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    return (1, code) if isinstance(code, str) else (code, err)
+
+
+BAD_INPUT = [  # (command and flags after --model DIR, what the one error line must say)
+    (["generate", "--prompt", "hi", "--max-new-tokens", "-5"], "--max-new-tokens must be at least 1, got -5"),
+    (["generate", "--prompt", "hi", "--max-new-tokens", "100000"], "do not fit the model's context of 128"),
+    (["generate", "--prompt", "hi", "--top-k", "0"], "--top-k must be at least 1, got 0"),
+    (["generate", "--prompt", "hi", "--top-k", "-3"], "--top-k must be at least 1, got -3"),
+    (["generate", "--prompt", "hi", "--temperature", "-1"], "--temperature must be a finite number >= 0"),
+    (["generate", "--prompt", "hi", "--temperature", "nan"], "--temperature must be a finite number >= 0"),
+    (["generate", "--prompt", "hi", "--temperature", "inf"], "--temperature must be a finite number >= 0"),
+    (["generate", "--prompt", "7 + 8 = 15. " * 60, "--max-new-tokens", "5"],
+     "tokens and --max-new-tokens 5: .* tokens do not fit the model's context of 128"),
+    (["generate", "--prompt", "caf\udcc3"], "--prompt is not valid UTF-8 text"),
+    (["chat", "--max-new-tokens", "128"], "--max-new-tokens 128 leaves no room for a message"),
+    (["chat", "--top-k", "0"], "--top-k must be at least 1"),
+    (["eval", "gsm8k", "--limit", "0", "FEWSHOT"], "--limit must be at least 1, got 0"),
+    (["eval", "gsm8k", "--limit", "-3", "FEWSHOT"], "--limit must be at least 1, got -3"),
+    (["eval", "gsm8k", "--batch-size", "0", "FEWSHOT"], "--batch-size must be at least 1, got 0"),
+    (["eval", "gsm8k", "--max-new-tokens", "0", "FEWSHOT"], "--max-new-tokens must be at least 1"),
+    (["eval", "gsm8k", "--max-new-tokens", "128", "FEWSHOT"], "--max-new-tokens 128 leaves no room for a prompt"),
+    (["eval", "gsm8k", "--output", "TMP", "FEWSHOT"], "--output .*: is a directory"),
+    (["eval", "gsm8k", "--output", "TMP/test.jsonl/out.jsonl", "FEWSHOT"], "test.jsonl is a file, not a directory"),
+    (["eval", "gsm8k"], "eval gsm8k needs --fewshot-data"),
+    (["eval", "arc"], "eval arc needs --fewshot-data"),
+    (["eval", "arc-easy", "--format", "cot"], "--format cot is for gsm8k only"),
+    (["eval", "arc", "FEWSHOT"], "test.jsonl:1: field 'id' must be a non-empty string"),  # GSM8K rows as ARC
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUT, ids=[" ".join(a[:3]) for a, _ in BAD_INPUT])
+def test_bad_input_is_one_error_line(tiny_model_dir, tmp_path, capsys, args, message):
+    data_file = tmp_path / "test.jsonl"
+    data_file.write_text("".join(json.dumps({"question": p.question, "answer": p.answer}) + "\n" for p in TEST))
+    args = [a.replace("TMP", str(tmp_path)) for a in args]
+    if "FEWSHOT" in args:
+        args[args.index("FEWSHOT"):] = ["--fewshot-data", str(data_file)]
+    if args[0] == "eval":
+        args += ["--data", str(data_file)]
+    before = sorted(tmp_path.rglob("*"))
+    code, said = run_main([*args, "--model", tiny_model_dir, "--device", "cpu"], capsys)
+    assert code != 0 and said.startswith("error: ") and "\n" not in said.strip(), said
+    assert re.search(message, said), said
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written
+
+
+def test_chat_says_so_for_undecodable_bytes_and_goes_on(tiny_model_dir):
+    """Bytes that are not UTF-8 typed into chat (the default stdin hands them over as surrogates)."""
+    run = subprocess.run([sys.executable, str(ROOT / "remask.py"), "chat", "--model", str(tiny_model_dir),
+                          "--max-new-tokens", "3", "--device", "cpu"], capture_output=True, timeout=120, cwd=ROOT,
+                         input=b"caf\xc3\n\xff\xfe\nhello\n/exit\n")
+    out, err = run.stdout.decode("utf-8", "replace"), run.stderr.decode("utf-8", "replace")
+    assert run.returncode == 0 and "Traceback" not in err, err
+    assert out.count("not valid UTF-8") == 2 and out.count("you> ") == 4
+
+
+def test_gsm8k_prompts_longer_than_the_context_are_cut_on_the_left(tiny_model_dir, tmp_path, capsys):
+    """As HFLM.generate_until: the prompt keeps its last (context - max_new_tokens) tokens; the run says so."""
+    for name, rows in (("test", TEST), ("train", TRAIN)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"question": p.question, "answer": p.answer})
+                                                        + "\n" for p in rows))
+    assert remask.main(["eval", "gsm8k", "--model", str(tiny_model_dir), "--data", str(tmp_path / "test.jsonl"),
+                        "--fewshot-data", str(tmp_path / "train.jsonl"), "--max-new-tokens", "4", "--output",
+                        str(tmp_path / "out.jsonl"), "--device", "cpu"]) == 0
+    said = capsys.readouterr().err
+    assert "3 of 3 prompts exceed 124 tokens (the model's context less --max-new-tokens): cut on the left" in said
+    tok, model, device = load_for_inference(tiny_model_dir, "cpu")
+    prompt = gsm8k_prompts(TEST, TRAIN, "harness")[0]
+    cut = tok.encode(prompt)[-124:]
+    assert len(tok.encode(prompt)) > 124
+    expected = completion_text(tok, M.generate(model, torch.tensor([cut]), 4, stop_ids=(tok.eos_id,))[0, 124:].tolist(),
+                               (tok.eos_id,), GSM8K_STOP["harness"], skip_special_tokens=True)
+    assert json.loads((tmp_path / "out.jsonl").read_text().splitlines()[0])["completion"] == expected
