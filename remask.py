@@ -1238,7 +1238,8 @@ MODE_NAMES = {"sft": "SFT", "masked-thought": "Masked Thought", "remask": "ReMas
 # the CPU budget before any result was seen: 2048 examples x 6 epochs = 384 steps of 32, the optimizer steps of
 # the earlier one-epoch protocol (so the same cost per run); 500 held-out problems, so an accuracy's binomial
 # standard error stays <= 2.2 points. The one-epoch contrast: --epochs 1 --n-train 12288 (the same 384 steps).
-COMPARE = dict(DEMO, out="runs/compare", n_train=2048, epochs=6, n_eval=500, log_every=64, save_every=0)
+# One thread: the float sums, and so the table, are the same on any machine (a 0.9M model gains little from two).
+COMPARE = dict(DEMO, out="runs/compare", n_train=2048, epochs=6, n_eval=500, log_every=64, save_every=0, threads=1)
 CHOICES = 4  # multiple choice as ARC: the right worked solution and 3 distractors
 
 
