@@ -1457,13 +1457,20 @@ def compare(base: TrainConfig, seeds, modes=MODES[::-1], eval_points=3, log=prin
             runs.append({"mode": mode, "seed": seed, **curve[-1], "n_eval": len(held_out),
                          "final_loss": summary["final_loss"], "seconds": time.perf_counter() - run_started,
                          "curve": curve})
-    seconds = time.perf_counter() - started
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    return report(base, runs, modes, eval_points, choices is not None, time.perf_counter() - started, device_name,
+                  log)
+
+
+def report(base: TrainConfig, runs, modes, eval_points, multiple_choice, seconds, device_name, log=print) -> dict:
+    """The tables, results.json and curves.svg of finished runs (also of runs gathered from several processes,
+    one per seed: each run depends on its seed alone)."""
+    seeds = sorted({r["seed"] for r in runs})
     differences = paired_differences(runs, modes)
     table = markdown_table(runs, modes) + ("\n\n" + differences_table(differences) if differences else "")
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     results = {"table": table, "seconds": seconds, "device": device_name, "torch": torch.__version__,
-               "date": time.strftime("%Y-%m-%d", time.gmtime()), "seeds": list(seeds), "modes": list(modes),
-               "eval_points": eval_points, "choices": CHOICES if choices is not None else None,
+               "date": time.strftime("%Y-%m-%d", time.gmtime()), "seeds": seeds, "modes": list(modes),
+               "eval_points": eval_points, "choices": CHOICES if multiple_choice else None,
                "config": asdict(base), "runs": runs, "differences": differences,
                "summary": {mode: {key: dict(zip(("mean", "std"), mean_std(_values(runs, mode, key))))
                                   for key in METRICS if all(r[key] is not None for r in runs)} for mode in modes}}
