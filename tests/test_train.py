@@ -78,7 +78,7 @@ def test_log_metrics_curve_and_model_hold_what_they_promise(tmp_path):
 
 
 def test_mfu_formula_on_a_known_device(monkeypatch):
-    """2 passes x B x T x (6N + 12LHQT) per ReMask micro-step against the device's peak (REFERENCE.md 9)."""
+    """2 passes x B x T x (6N + 12LHQT) per ReMask micro-step against the device's peak (PaLM appendix B)."""
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
     assert remask.peak_flops(torch.device("cuda"), torch.bfloat16) == 989e12
     assert remask.peak_flops(torch.device("cuda"), torch.float32) is None
