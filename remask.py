@@ -1805,7 +1805,7 @@ def curves_svg(runs, modes) -> str:
 def compare(base: TrainConfig, seeds, modes=MODES[::-1], eval_points=3, jobs=1, log=print) -> dict:
     """Train every mode with every seed on the same data and schedule, evaluating the held-out problems at
     eval_points evenly spaced steps (the last one the end); print the tables, write results.json and
-    curves.svg into base.out. jobs > 1: that many seeds at once, each in its own process."""
+    curves.svg into base.out. jobs > 1: that many runs at once, each in its own process."""
     if base.n_eval < 1:
         raise TrainError("compare needs held-out problems: --n-eval >= 1")
     if not seeds or eval_points < 1 or jobs < 1:
@@ -1813,52 +1813,51 @@ def compare(base: TrainConfig, seeds, modes=MODES[::-1], eval_points=3, jobs=1, 
                          f"seeds, --eval-points {eval_points}, --jobs {jobs})")
     device = init_distributed(base.device)[1]
     started = time.perf_counter()
-    if jobs == 1 or len(seeds) == 1:
-        runs = [run for seed in seeds for run in compare_seed(base, seed, modes, eval_points, log)]
+    tasks = [(seed, mode) for seed in seeds for mode in modes]  # seed-major: an interrupted comparison still
+    if jobs == 1 or len(tasks) == 1:                            # holds every mode of the seeds it finished
+        runs = [compare_run(base, seed, mode, eval_points, log) for seed, mode in tasks]
     else:
-        runs = compare_in_processes(base, seeds, modes, eval_points, min(jobs, len(seeds)))
+        runs = compare_in_processes(base, tasks, eval_points, min(jobs, len(tasks)))
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     multiple_choice = all(r["mc_accuracy"] is not None for r in runs)
     return report(base, runs, modes, eval_points, multiple_choice, time.perf_counter() - started, device_name, log)
 
 
-def compare_seed(base: TrainConfig, seed, modes, eval_points, log=print) -> list:
-    """Every mode's run of one seed (a run depends on its seed alone), each with its evaluation curve."""
-    seed_cfg = replace(base, seed=seed, resume=False, overwrite=True)
+def compare_run(base: TrainConfig, seed, mode, eval_points, log=print) -> dict:
+    """One mode's run of one seed (it depends on nothing else) with its evaluation curve: exact match and the
+    teacher-forced loss at every point, the multiple choice (2,000 scored solutions) at the end."""
+    cfg = replace(base, seed=seed, mode=mode, out=str(Path(base.out) / f"{mode}-seed{seed}"), resume=False,
+                  overwrite=True)
     device = resolve_device(base.device)
     precision = resolve_precision(base.precision, device)
-    tok = load_tokenizer_for(seed_cfg, log=lambda message: None)
-    examples, held_out = load_examples(seed_cfg, tok, log=lambda message: None)
-    steps_per_epoch = len(Loader(examples, tok, seed_cfg.mask_config(), base.global_batch, base.micro_batch))
+    tok = load_tokenizer_for(cfg, log=lambda message: None)
+    examples, held_out = load_examples(cfg, tok, log=lambda message: None)
+    steps_per_epoch = len(Loader(examples, tok, cfg.mask_config(), base.global_batch, base.micro_batch))
     total = base.max_steps or steps_per_epoch * base.epochs
     stops = sorted({max(1, round(total * k / eval_points)) for k in range(1, eval_points + 1)})
-    rng = random.Random(f"choices:{seed}")
+    rng = random.Random(f"choices:{seed}")  # the same distractors for every mode of a seed
     choices = [addition_choices(r, rng) for r in held_out]
     choices = choices if all(c is not None and len(c) == CHOICES for c in choices) else None
-    runs = []
-    for mode in modes:
-        cfg = replace(seed_cfg, mode=mode, out=str(Path(base.out) / f"{mode}-seed{seed}"))
-        tag = f"[{mode} seed {seed}] "
-        run_started, curve = time.perf_counter(), []
-        for k, stop in enumerate(stops):  # chunks of one run: resume is bit-exact
-            summary = train(replace(cfg, stop_at=stop, resume=k > 0), log=lambda m: log(tag + m),
-                            evaluate_untrained=False)
-            if summary.get("interrupted"):  # the run saved its checkpoint; the comparison stops with it
-                raise Interrupted(summary["exit_code"] - 128)
-            # at the end train() has saved the final model and measured its exact match itself
-            model_dir = summary.get("model") or Path(summary["checkpoint"]) / "model"
-            point = evaluate_point(model_dir, tok, held_out, choices, device, precision, summary.get("accuracy"))
-            curve.append({"step": summary["step"], **point})
-            log(tag + f"step {summary['step']}/{total}: " + ", ".join(
-                f"{k} {v:.4f}" for k, v in point.items() if v is not None))
-        runs.append({"mode": mode, "seed": seed, **curve[-1], "n_eval": len(held_out),
-                     "final_loss": summary["final_loss"], "seconds": time.perf_counter() - run_started,
-                     "curve": curve})
-    return runs
+    tag = f"[{mode} seed {seed}] "
+    started, curve = time.perf_counter(), []
+    for k, stop in enumerate(stops):  # chunks of one run: resume is bit-exact
+        summary = train(replace(cfg, stop_at=stop, resume=k > 0), log=lambda m: log(tag + m),
+                        evaluate_untrained=False)
+        if summary.get("interrupted"):  # the run saved its checkpoint; the comparison stops with it
+            raise Interrupted(summary["exit_code"] - 128)
+        # at the end train() has saved the final model and measured its exact match itself
+        model_dir = summary.get("model") or Path(summary["checkpoint"]) / "model"
+        point = evaluate_point(model_dir, tok, held_out, choices if stop == total else None, device, precision,
+                               summary.get("accuracy"))
+        curve.append({"step": summary["step"], **point})
+        log(tag + f"step {summary['step']}/{total}: " + ", ".join(
+            f"{k} {v:.4f}" for k, v in point.items() if v is not None))
+    return {"mode": mode, "seed": seed, **curve[-1], "n_eval": len(held_out), "final_loss": summary["final_loss"],
+            "seconds": time.perf_counter() - started, "curve": curve}
 
 
 def default_jobs(cfg: TrainConfig) -> int:
-    """Seeds at once: on a CPU as many as its cores hold at --threads each; on a GPU one (they would share it)."""
+    """Runs at once: on a CPU as many as its cores hold at --threads each; on a GPU one (they would share it)."""
     if cfg.threads == 0 or resolve_device(cfg.device).type == "cuda":
         return 1
     return max(1, (os.cpu_count() or 1) // cfg.threads)
@@ -1868,22 +1867,24 @@ def _ignore_sigint():
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a worker left idle by Ctrl-C: the parent ends it
 
 
-def compare_in_processes(base: TrainConfig, seeds, modes, eval_points, jobs) -> list:
-    """compare_seed for every seed, `jobs` processes at a time (spawned: a forked torch can deadlock). The runs
-    are those of one process: each depends on its seed alone, and with --threads 1 (the preset) on the same
-    float sums. Ctrl-C or SIGTERM ends every worker at once; a rerun starts the comparison over."""
+def compare_in_processes(base: TrainConfig, tasks, eval_points, jobs) -> list:
+    """compare_run for every (seed, mode), `jobs` processes at a time (spawned: a forked torch can deadlock),
+    the costliest first (ReMask's two passes) so that the processes finish together; the runs come back in the
+    order of tasks. They are those of one process: a run depends on its seed alone, and with --threads 1 (the
+    preset) sums its floats in the same order. Ctrl-C or SIGTERM ends every worker at once."""
     log_line = partial(print, flush=True)  # lines, not buffers, interleave
+    order = sorted(range(len(tasks)), key=lambda i: tasks[i][1] != "remask")  # stable: seed-major otherwise
     pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_sigint)
     try:
         with _StopOnSignal(log_line):  # outside a training loop: a signal raises Interrupted at once
-            seed_runs = list(pool.map(compare_seed, *zip(*[(base, s, modes, eval_points, log_line) for s in seeds])))
-    except KeyboardInterrupt:
+            futures = {i: pool.submit(compare_run, base, *tasks[i], eval_points, log_line) for i in order}
+            return [futures[i].result() for i in range(len(tasks))]
+    except BaseException:  # a signal or a failed run: the others' work would be thrown away anyway
         for worker in multiprocessing.active_children():
             worker.kill()
         raise
     finally:
         pool.shutdown(cancel_futures=True)
-    return [run for runs in seed_runs for run in runs]
 
 
 def report(base: TrainConfig, runs, modes, eval_points, multiple_choice, seconds, device_name, log=print) -> dict:
