@@ -69,9 +69,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from data import (ARC_FEWSHOT, ARC_SEED, GSM8K_MAX_NEW_TOKENS, GSM8K_STOP, IGNORE_INDEX, MODES, PAD_ID, CoTRecord,
                   DataError, Loader, MaskConfig, Tokenizer, addition_cot, arc_contexts, arc_continuations,
-                  atomic_write, chat_prompt, collate, cot_prompt, cut_at_stop, embedded_dataset, embedded_tokenizer,
-                  encode_many, encode_pair, extract_answer, fit_length, format_record, gsm8k_prompts, load_tokenizer,
-                  mask_example, read_arc, read_gsm8k, read_mixture, round_up, score_arc, score_gsm8k)
+                  atomic_write, chat_prompt, collate, cot_prompt, cut_at_stop, describe_fit, embedded_dataset,
+                  embedded_tokenizer, encode_many, encode_pair, extract_answer, fit_length, format_record,
+                  gsm8k_prompts, load_tokenizer, mask_example, read_arc, read_gsm8k, read_mixture, round_up, score_arc,
+                  score_gsm8k)
 from model import CONFIGS, Config, StableLM, generate, recover_directory, write_directory
 
 # ----------------------------------------------------------------------------- objective: the definition
@@ -727,7 +728,8 @@ def error_line(e: BaseException) -> str:
 
 # ----------------------------------------------------------------------------- devices, ranks and accounting
 
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, NVIDIA's data sheets (not the sparse figures)
+# dense bf16, NVIDIA's data sheets (not the sparse figures)
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def peak_flops(device, dtype):
@@ -851,8 +853,7 @@ def load_examples(cfg: TrainConfig, tok, log) -> tuple:
     else:
         records, held_out, _ = embedded_dataset(cfg.seed, cfg.n_train, cfg.n_eval, cfg.digits)
     examples, dropped = fit_length(encode_many(records, tok), cfg.seq_len, cfg.truncate)
-    log(f"{len(examples)} training examples ({dropped} {'cut to' if cfg.truncate else 'longer than'} "
-        f"{cfg.seq_len} tokens {'cut' if cfg.truncate else 'dropped'}), {len(held_out)} held out")
+    log(f"training {describe_fit(len(examples), dropped, cfg.seq_len, cfg.truncate)}; {len(held_out)} held out")
     if not examples:
         raise TrainError(f"no training examples left (--seq-len {cfg.seq_len})")
     if cfg.global_batch > len(examples):  # clamped, not refused: a small data set is legitimate, a false log not
