@@ -5,6 +5,7 @@ The scripted completions give a known accuracy, so the arithmetic of the score i
 end-to-end runs use the tiny StableLM fixture (its vocabulary grown for the embedded tokenizer; context 128 tokens)
 through the CLI. ARC has its own module, test_arc.py.
 """
+import io
 import json
 import re
 import subprocess
@@ -139,37 +140,30 @@ def tiny_model_dir(tmp_path_factory):
     return path / "model"
 
 
-def run_cli(*args, input_text=None):
-    run = subprocess.run([sys.executable, str(ROOT / "remask.py"), *map(str, args)], capture_output=True,
-                         text=True, timeout=120, cwd=ROOT, input=input_text)
-    return run
-
-
-def test_eval_command_end_to_end(tiny_model_dir, tmp_path):
+def test_eval_command_end_to_end(tiny_model_dir, tmp_path, capsys):
     for name, rows in (("test", TEST), ("train", TRAIN)):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"question": p.question, "answer": p.answer}) + "\n"
                                                         for p in rows))
     out = tmp_path / "results.jsonl"
-    run = run_cli("eval", "gsm8k", "--model", tiny_model_dir, "--data", tmp_path / "test.jsonl", "--fewshot-data",
-                  tmp_path / "train.jsonl", "--max-new-tokens", "6", "--batch-size", "2", "--output", out,
-                  "--device", "cpu")
-    assert run.returncode == 0, run.stderr
+    assert remask.main(["eval", "gsm8k", "--model", str(tiny_model_dir), "--data", str(tmp_path / "test.jsonl"),
+                        "--fewshot-data", str(tmp_path / "train.jsonl"), "--max-new-tokens", "6", "--batch-size", "2",
+                        "--output", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 3 and [r["reference"] for r in rows] == [p.answer for p in TEST]
     for name in ("strict-match", "flexible-extract"):
         accuracy = sum(r[f"{name}_correct"] for r in rows) / 3
-        assert f"{name}: {accuracy:.4f}" in run.stdout
+        assert f"{name}: {accuracy:.4f}" in printed
     assert rows[0]["prompt"] == gsm8k_prompts(TEST, TRAIN, "harness")[0]
 
 
-def test_generate_and_chat_commands_run(tiny_model_dir):
-    run = run_cli("generate", "--model", tiny_model_dir, "--prompt", "What is 2+2?", "--max-new-tokens", "5",
-                  "--device", "cpu")
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.startswith(chat_prompt([], "What is 2+2?"))
-    run = run_cli("chat", "--model", tiny_model_dir, "--max-new-tokens", "3", "--device", "cpu",
-                  input_text="hi\n/reset\nhello\n/exit\n")
-    assert run.returncode == 0, run.stderr
+def test_generate_and_chat_commands_run(tiny_model_dir, capsys, monkeypatch):
+    assert remask.main(["generate", "--model", str(tiny_model_dir), "--prompt", "What is 2+2?", "--max-new-tokens",
+                        "5", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith(chat_prompt([], "What is 2+2?"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n/reset\nhello\n/exit\n"))
+    assert remask.main(["chat", "--model", str(tiny_model_dir), "--max-new-tokens", "3", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.count("you> ") == 4
 
 
 def test_compiled_decoding_gives_the_same_completions(tiny_model_dir, monkeypatch):
@@ -184,7 +178,7 @@ def test_compiled_decoding_gives_the_same_completions(tiny_model_dir, monkeypatc
     assert completions[0] == completions[1] and len(completions[0]) == 3
 
 
-def test_eval_command_errors_clearly(tiny_model_dir, tmp_path):
+def test_eval_command_errors_clearly(tiny_model_dir, tmp_path, capsys):
     good = tmp_path / "good.jsonl"
     good.write_text(json.dumps({"question": TEST[0].question, "answer": TEST[0].answer}) + "\n")
     (tmp_path / "bad.jsonl").write_text('{"question": "q", "answer": "no final answer"}\n')
@@ -193,8 +187,8 @@ def test_eval_command_errors_clearly(tiny_model_dir, tmp_path):
              (("--model", tiny_model_dir, "--data", tmp_path / "bad.jsonl", "--format", "cot"), "bad.jsonl:1"),
              (("--model", tmp_path / "nowhere", "--data", good, "--format", "cot"), "nowhere")]
     for args, message in cases:
-        run = run_cli("eval", "gsm8k", *args)
-        assert run.returncode != 0 and message in run.stderr and "Traceback" not in run.stderr, run.stderr
+        code, said = run_main(["eval", "gsm8k", *args], capsys)
+        assert code == 1 and said.startswith("error: ") and message in said, said
 
 
 # ----------------------------------------------------------------------------- bad input: one line, non-zero exit
