@@ -1119,14 +1119,18 @@ def svg_chart(series, title, x_label, y_label="", y_range=None, width=640, heigh
             shapes.append(f'<polygon points="{" ".join(band)}" fill="{color}" fill-opacity="0.15" stroke="none"/>')
         shapes.append(f'<polyline points="{" ".join(point(x, v) for x, v in zip(s.x, s.y))}" stroke="{color}" '
                       f'stroke-width="1.5" fill="none"><title>{escape(s.name)}</title></polyline>')
+        if len(s.x) <= 20:  # a few measured points (evaluations): mark them, the lines between are not data
+            shapes += [f'<circle cx="{c.split(",")[0]}" cy="{c.split(",")[1]}" r="3" fill="{color}"/>'
+                       for c in (point(x, v) for x, v in zip(s.x, s.y))]
         if len(series) > 1:
             y = pad + 16 * k
             shapes.append(f'<line x1="{width - pad - 130}" y1="{y - 4}" x2="{width - pad - 110}" y2="{y - 4}" '
                           f'stroke="{color}" stroke-width="2"/>')
             shapes.append(f'<text x="{width - pad - 104}" y="{y}">{escape(s.name)}</text>')
     bottom = height - pad + 16
+    x_ticks = sorted(set(xs)) if len(set(xs)) <= 10 else [x0, x1]  # every x of a few evaluations, else the ends
     text = [(pad - 4, pad + 4, "end", f"{y1:.4g}"), (pad - 4, height - pad + 4, "end", f"{y0:.4g}"),
-            (pad, bottom, "middle", f"{x0:.4g}"), (width - pad, bottom, "middle", f"{x1:.4g}"),
+            *[(point(x, y0).split(",")[0], bottom, "middle", f"{x:.4g}") for x in x_ticks],
             (width / 2, height - 12, "middle", x_label), (width / 2, 20, "middle", title)]
     y_title = (f'<text x="14" y="{height / 2}" text-anchor="middle" transform="rotate(-90 14 {height / 2})">'
                f'{escape(y_label)}</text>\n' if y_label else "")
@@ -1799,8 +1803,9 @@ def curves_svg(runs, modes) -> str:
         values = [[100 * p["accuracy"] for p in at] for at in points]
         series.append(Series(MODE_NAMES[mode], [mean_std([p["step"] for p in at])[0] for at in points],
                              [mean_std(v)[0] for v in values], [min(v) for v in values], [max(v) for v in values]))
+    top = 10 * math.ceil(max(max(s.high) for s in series) / 10 + 1e-9)  # the next multiple of 10 above the band
     return svg_chart(series, f"held-out exact match (mean over {len(curves)} seeds, band: min to max)",
-                     "optimizer step", "exact match (%)", y_range=(0, 100))
+                     "optimizer step", "exact match (%)", y_range=(0, min(100, top)))
 
 
 def compare(base: TrainConfig, seeds, modes=MODES[::-1], eval_points=3, jobs=1, log=print) -> dict:
