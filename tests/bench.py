@@ -16,7 +16,9 @@ stablelm-3b-4e1t (inference in bf16, training in bf16 autocast over fp32 master 
              fp32 master weights: seconds and peak memory (does it fit an 80 GB card?)
   memory     the plan of that optimizer step's peak memory for micro-batches 16, 8, 4, with and without
              --grad-checkpointing: the static state plus what autograd saves for backward, measured by counting the
-             saved tensors of short forwards of one- and two-layer versions of the model (runs on a CPU for the 3B)
+             saved tensors of short forwards of one- and two-layer versions of the model (runs on a CPU for the 3B);
+             --ranks N...: also the per-rank plan of `train --parallel fsdp` (under torchrun the optimizer
+             benchmark itself runs sharded, for a measured per-rank peak)
   decode     batch-1 greedy generation with the KV cache, eager and (with --compile) with the compiled CUDA-graph
              decode step: tokens/s, the weight bytes read per second, and the speed-up over transformers' generate
   int8       tests/bench_quantize.py: LLM.int8 against bf16 for batch-1 decode matmuls
@@ -30,6 +32,7 @@ the very same parameter tensors as our model, so they cost no extra weight memor
 import argparse
 import functools
 import gc
+import os
 import sys
 import time
 from dataclasses import replace
@@ -38,13 +41,14 @@ from pathlib import Path
 from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_quantize  # noqa: E402
 from model import CONFIGS, Config, StableLM, generate  # noqa: E402
-from remask import IGNORE_INDEX, Lilith, peak_flops, remask_loss_parts  # noqa: E402
+from remask import IGNORE_INDEX, Lilith, init_distributed, peak_flops, remask_loss_parts, shard_model  # noqa: E402
 
 
 def reset_peak_memory(device):
@@ -256,16 +260,21 @@ def bench_optimizer(model, args):
     """The recipe's optimizer step: --global-batch sequences in micro-steps of --optimizer-micro-batch, then Lilith
     (fp32 state over fp32 weights): its time and its peak memory, the figure that must fit the card."""
     device = model.lm_head.weight.device
+    ranks = dist.get_world_size() if dist.is_initialized() else 1
+    if ranks > 1:  # under torchrun: sharded as `train --parallel fsdp` shards it
+        shard_model(model, device, args.train_precision)
     model.train()
     model.gradient_checkpointing = args.grad_checkpointing
     optimizer = Lilith(model.parameters(), lr=1e-5)
     autocast = training_autocast(device, args)
     micro_batch = args.optimizer_micro_batch
-    accum = max(1, args.global_batch // micro_batch)
+    accum = max(1, args.global_batch // (micro_batch * ranks))
     batches = [remask_batch(model.config, micro_batch, args.seq, device) for _ in range(min(accum, 2))]
 
     def step():
         for i in range(accum):
+            if ranks > 1:  # reduce-scatter after the last micro-batch only, as remask.accumulate_gradients
+                model.set_requires_gradient_sync(i == accum - 1)
             masked, ids, labels, kl_mask = batches[i % len(batches)]
             with autocast:
                 logits = model(torch.cat([masked, ids]))  # (2B, T, V)
@@ -276,7 +285,7 @@ def bench_optimizer(model, args):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    result = {"micro_batch": micro_batch, "accum": accum, "grad_checkpointing": args.grad_checkpointing}
+    result = {"ranks": ranks, "micro_batch": micro_batch, "accum": accum, "grad_checkpointing": args.grad_checkpointing}
     reset_peak_memory(device)
     try:
         sec = seconds_per_call(step, device, 1, 1)
@@ -329,7 +338,9 @@ def bench_memory(config, args):
     rest_fixed = s[1, n1] - per_layer_fixed - per_layer_token * n1 - rest_token * n1
     L, C, V = config.num_hidden_layers, config.hidden_size, config.vocab_size
     with torch.device("meta"):
-        n_params = sum(p.numel() for p in StableLM(config).parameters())
+        model = StableLM(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    block_params = sum(p.numel() for p in model.model.layers[0].parameters())
     static = n_params * 4 * 5  # fp32: weights, gradients, Lilith's m1, m2, v
     weight_copies = L * per_layer_fixed + rest_fixed
     logits_bytes = 2 if args.train_precision == "bf16" else 4
@@ -344,6 +355,18 @@ def bench_memory(config, args):
         ckpt = (static + rest_fixed + per_layer_fixed + tokens * (L * 4 * C + per_layer_token + rest_token)
                 + logits)
         result[f"micro-batch {micro_batch}"] = f"{plain / 1e9:.1f} GB, with --grad-checkpointing {ckpt / 1e9:.1f} GB"
+        for ranks in args.ranks:
+            # --parallel fsdp: the fp32 state in slices; until the last micro-batch of a step each rank accumulates
+            # the whole fp32 gradient (no reduce-scatter per micro-batch); the root (embeddings, head) stays
+            # gathered through the step, the running block and the prefetched next one besides (bf16 under bf16)
+            # and the running block's gradient; no autocast weight copies (the gathered weights are bf16 already).
+            accumulating = args.global_batch > micro_batch * ranks
+            gathered = (n_params - L * block_params + 2 * block_params) * logits_bytes + 4 * block_params
+            shared = static / ranks + 4 * n_params * accumulating + gathered + logits
+            plain = shared + tokens * (L * per_layer_token + rest_token)
+            ckpt = shared + tokens * (L * 4 * C + per_layer_token + rest_token)
+            result[f"micro-batch {micro_batch}, fsdp {ranks} ranks"] = (f"{plain / 1e9:.1f} GB, with "
+                                                                        f"--grad-checkpointing {ckpt / 1e9:.1f} GB")
     return result
 
 
@@ -353,6 +376,17 @@ TRAINING = {"step", "optimizer"}  # benchmarks that train: fp32 master weights (
 PLANS = {"memory"}  # benchmarks that take the config, not a built model: they build their own small ones
 
 # ----------------------------------------------------------------------------- command line
+
+
+def scaled(config, layers=None, hidden=None):
+    """config with `layers` blocks and width `hidden`: the MLP and the heads' count scale with the width."""
+    changes = {"num_hidden_layers": layers} if layers else {}
+    if hidden:
+        ratio = hidden / config.hidden_size
+        changes.update(hidden_size=hidden, intermediate_size=round(config.intermediate_size * ratio / 64) * 64,
+                       num_attention_heads=round(config.num_attention_heads * ratio),
+                       num_key_value_heads=round(config.num_key_value_heads * ratio))
+    return replace(config, **changes)
 
 
 def build(config, device, dtype):
@@ -378,6 +412,11 @@ def main(argv=None):
                    help="optimizer: sequences per micro-step (8: what fits an 80 GB card, see the memory plan)")
     p.add_argument("--global-batch", type=int, default=256, help="optimizer: sequences per optimizer step")
     p.add_argument("--grad-checkpointing", action="store_true", help="optimizer: recompute blocks in backward")
+    p.add_argument("--ranks", type=int, nargs="*", default=[],
+                   help="memory: also the per-rank plan of `train --parallel fsdp` on each of these numbers of ranks "
+                        "(the optimizer step itself runs sharded when launched by torchrun)")
+    p.add_argument("--layers", type=int, help="a version of the configs with this many blocks (to measure on a CPU)")
+    p.add_argument("--hidden", type=int, help="... and this width (the MLP scaled alike; heads of the same size)")
     p.add_argument("--warmup", type=int, default=2, help="forward, step: untimed calls first")
     p.add_argument("--iters", type=int, default=5, help="forward, step: timed calls")
     p.add_argument("--new-tokens", type=int, default=64, help="decode: tokens generated per call")
@@ -388,13 +427,15 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     args.train_precision = args.train_precision or ("bf16" if device.type == "cuda" else "fp32")
     args.compile = device.type == "cuda" if args.compile is None else args.compile
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun: each rank on its own GPU (a CPU process group on CPUs)
+        device = init_distributed("auto" if device.type == "cuda" else "cpu")[1]
     names = args.configs or (["debug", "stablelm-3b-4e1t"] if device.type == "cuda" else ["debug"])
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"device {where}  inference dtype {str(dtype)[6:]}  training {args.train_precision} over fp32 weights  "
           f"torch {torch.__version__}")
     for name in names:
         for bench in [b for b in args.bench if b in BENCHMARKS]:
-            config = Config.named(name)
+            config = scaled(Config.named(name), args.layers, args.hidden)
             if bench in PLANS:
                 result = BENCHMARKS[bench](config, args)
             else:
