@@ -314,7 +314,7 @@ class StableLM(nn.Module):
 
     @torch.no_grad()
     def resize_vocab(self, n):
-        """Grow the vocabulary to n rows; new embedding and lm_head rows = mean of the existing rows (REFERENCE 2).
+        """Grow the vocabulary to n rows; new embedding and lm_head rows = mean of the existing rows (a common choice for new tokens).
         Call before building an optimizer: the two matrices become new Parameters."""
         old = self.config.vocab_size
         if n < old:
@@ -333,7 +333,7 @@ class StableLM(nn.Module):
         return self
 
     def flops_per_token(self, seq_len):
-        """Training FLOPs per token, forward + backward: 6N + 12·L·H·Q·T (PaLM appendix B; REFERENCE 9), N = the
+        """Training FLOPs per token, forward + backward: 6N + 12·L·H·Q·T (PaLM appendix B), N = the
         matmul weights including lm_head, excluding the input embedding (a lookup, not a matmul)."""
         c = self.config
         q_dim, kv_dim = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim

@@ -17,7 +17,7 @@ bottom:
    training step (both ReMask passes in one forward of a 2B batch, bf16 autocast over fp32 master weights on a
    GPU, gradients accumulated and normalised by the whole step's label tokens), the loop (nothing read back from
    the GPU between log steps; a log line + metrics.jsonl per step and loss.svg), checkpoints (atomic, exact
-   --resume), data parallelism under torchrun (DDP) and sharded training (FSDP2, --parallel fsdp);
+   --resume), data parallelism under torchrun (DDP);
 5. held-out evaluation (greedy exact match, teacher-forced loss) and compare: every mode x several seeds on the
    same data and budget, a Markdown table and results.json;
 6. using a model: streamed generation, a terminal chat, and the GSM8K (5-shot, strict match) and ARC-Challenge
@@ -28,15 +28,15 @@ It brings model.py (StableLM), data.py (tokenizer, formats, masking) and quantiz
 Deliberately left out: temperature in the KL (the card uses 1), a fused matmul + loss kernel (the logits are
 materialised once, in the model's dtype), foreach/fused optimizer kernels (one readable loop over tensors),
 second derivatives of the loss, gradient clipping (the recipe has none; Lilith rescales each gradient to its
-parameter's norm) and fp16 loss scaling (bf16 needs none).
+parameter's norm), FSDP/ZeRO sharding (DDP keeps a full replica per GPU; not yet) and fp16 loss scaling (bf16
+needs none).
 
 References: the ReMask-3B model card (huggingface.co/euclaise/ReMask-3B); R-TeaFor (Lin & Cheng, EMNLP 2022,
 aclanthology.org/2022.emnlp-main.423) for the two passes with forward + reverse KL; Masked Thought (Chen et al.,
 arXiv 2403.02178); Lilith: euclaise/supertrainer2000, src/supertrainer2k/optim/lilith.py at commit 8da52ce;
 the one-cycle policy (Smith & Topin, arXiv 1708.07120) and torch.optim.lr_scheduler.OneCycleLR (torch 2.13);
-chunked losses with gradients computed in the forward pass as in Liger-Kernel (arXiv 2410.10989); FSDP2
-(torch.distributed.fsdp.fully_shard); GSM8K (Cobbe et al., arXiv 2110.14168) and ARC (Clark et al., arXiv
-1803.05457) as EleutherAI's lm-evaluation-harness runs them.
+chunked losses with gradients computed in the forward pass as in Liger-Kernel (arXiv 2410.10989); GSM8K (Cobbe
+et al., arXiv 2110.14168) and ARC (Clark et al., arXiv 1803.05457) as EleutherAI's lm-evaluation-harness runs them.
 """
 import argparse
 import hashlib
@@ -738,7 +738,7 @@ def error_line(e: BaseException) -> str:
 
 # ----------------------------------------------------------------------------- devices, ranks and accounting
 
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 (REFERENCE.md section 9)
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, NVIDIA's data sheets (not the sparse figures)
 
 
 def peak_flops(device, dtype):

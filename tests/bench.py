@@ -23,7 +23,7 @@ stablelm-3b-4e1t (inference in bf16, training in bf16 autocast over fp32 master 
              decode step: tokens/s, the weight bytes read per second, and the speed-up over transformers' generate
   int8       tests/bench_quantize.py: LLM.int8 against bf16 for batch-1 decode matmuls
 
-Peak numbers are dense bf16 (REFERENCE.md section 9); an unknown device prints "n/a", never a guessed MFU.
+Peak numbers are dense bf16 from NVIDIA's data sheets; an unknown device prints "n/a", never a guessed MFU.
 Peak memory: torch.cuda.max_memory_allocated on a GPU; on a CPU the process's peak resident size (VmHWM),
 reset before each measurement.
 The transformers baselines run only where transformers is installed (it is not a dependency of remask); they use

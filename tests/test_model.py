@@ -55,7 +55,7 @@ def random_ids(model, B, T, seed):
 
 
 def reference_logits(sd, c, ids):
-    """REFERENCE.md section 1 re-derived on the raw state dict: explicit LayerNorm, rotary as complex
+    """transformers' StableLM forward re-derived on the raw state dict: explicit LayerNorm, rotary as complex
     multiplication, matmul-softmax attention with kv heads repeated, SiLU as z * sigmoid(z)."""
     B, T = ids.shape
     H, KV, D, r = c.num_attention_heads, c.num_key_value_heads, c.hidden_size // c.num_attention_heads, c.rotary_dim
@@ -344,7 +344,7 @@ def test_named_configs():
     with torch.device("meta"):
         m3b = StableLM(Config.named("stablelm-3b-4e1t"))
         m16 = StableLM(Config.named("stablelm-2-1_6b"))
-    assert sum(p.numel() for p in m3b.parameters()) == 2_795_443_200  # REFERENCE section 1
+    assert sum(p.numel() for p in m3b.parameters()) == 2_795_443_200
     assert len(m3b.state_dict()) == 356
     assert m3b.flops_per_token(256) == 6 * 2_666_332_160 + 12 * 32 * 32 * 80 * 256  # N_matmul = 2.666e9
     assert sum(p.numel() for p in m16.parameters()) == 1_644_515_328  # the card's 1,644,417,024 plus LN biases
@@ -556,7 +556,7 @@ def test_int8_fixture_loads_as_int8_layers(monkeypatch):
     expected = load_file(TINY8 / "expected.safetensors")
     with torch.no_grad():
         ours = model(expected["input_ids"])
-        # bitsandbytes' CPU backend dequantizes with 6.200124e-05 (REFERENCE 7); with that constant the whole
+        # bitsandbytes' CPU backend dequantizes with 6.200124e-05 (bitsandbytes 0.45+ cpu backend); with that constant the whole
         # 8-bit model reproduces its logits exactly, so every layer got the right int8 bytes, scales and settings
         monkeypatch.setattr(quantize, "DEQUANT_SCALE", 6.200124e-05)
         assert torch.equal(model(expected["input_ids"]), expected["logits"])

@@ -345,7 +345,7 @@ def test_model_fixture_logits_are_bitsandbytes_with_its_constant(monkeypatch):
 
 
 def test_model_fixture_logits_with_exact_constant():
-    """With 1/127^2 (REFERENCE.md's decision) the logits move by 4.5e-3 relative, not the ~1e-4 one might expect.
+    """With 1/127^2 (this project's choice) the logits move by 4.5e-3 relative, not the ~1e-4 one might expect.
 
     LLM.int8 is discontinuous: every layer re-rounds its activations, so a scale change of 1.8e-5 flips a few
     roundings, each worth a whole quantization step, and the flips compound through the layers (changing
