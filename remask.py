@@ -1655,6 +1655,7 @@ def finish(model, tok, out, history, held_out, device, precision, summary, log, 
 
 def train(cfg: TrainConfig, log=print, evaluate_untrained=True) -> dict:
     """Run (or resume) one training run; returns its summary (also printed). Under torchrun every rank calls it."""
+    owns_group = not dist.is_initialized()  # a process group the caller started is the caller's to end
     ranks, device = init_distributed(cfg.device)
     run_log = RunLog(log, ranks.rank == 0)
     try:
@@ -1664,7 +1665,7 @@ def train(cfg: TrainConfig, log=print, evaluate_untrained=True) -> dict:
         run_log.error(e)
         raise
     finally:
-        if ranks.world > 1 and dist.is_initialized():
+        if owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
 

@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_quantize  # noqa: E402
 from model import CONFIGS, Config, StableLM, generate  # noqa: E402
-from remask import IGNORE_INDEX, Lilith, init_distributed, peak_flops, remask_loss_parts, shard_model  # noqa: E402
+from remask import IGNORE_INDEX, Lilith, init_distributed, peak_flops, remask_loss_parts, sharded_skeleton  # noqa: E402
 
 
 def reset_peak_memory(device):
@@ -259,10 +259,8 @@ def bench_step(model, args):
 def bench_optimizer(model, args):
     """The recipe's optimizer step: --global-batch sequences in micro-steps of --optimizer-micro-batch, then Lilith
     (fp32 state over fp32 weights): its time and its peak memory, the figure that must fit the card."""
-    device = model.lm_head.weight.device
-    ranks = dist.get_world_size() if dist.is_initialized() else 1
-    if ranks > 1:  # under torchrun: sharded as `train --parallel fsdp` shards it
-        shard_model(model, device, args.train_precision)
+    device = model.model.norm.weight.device
+    ranks = dist.get_world_size() if dist.is_initialized() else 1  # torchrun: built sharded (build_sharded)
     model.train()
     model.gradient_checkpointing = args.grad_checkpointing
     optimizer = Lilith(model.parameters(), lr=1e-5)
@@ -394,6 +392,16 @@ def build(config, device, dtype):
         return StableLM(config).to(dtype).eval()
 
 
+@torch.no_grad()
+def build_sharded(config, device, precision):
+    """Under torchrun: the model as `train --parallel fsdp` shards it, each rank allocating only its slices (as a
+    resumed sharded run does), filled with small random values (the timing and memory do not depend on them)."""
+    model = sharded_skeleton(config, device, precision)
+    for p in model.parameters():
+        p.to_local().normal_(0, 0.02)
+    return model
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bench", nargs="+", choices=[*BENCHMARKS, "int8"], default=[*BENCHMARKS, "int8"],
@@ -439,7 +447,10 @@ def main(argv=None):
             if bench in PLANS:
                 result = BENCHMARKS[bench](config, args)
             else:
-                model = build(config, device, torch.float32 if bench in TRAINING else dtype)
+                if bench == "optimizer" and dist.is_initialized():
+                    model = build_sharded(config, device, args.train_precision)
+                else:
+                    model = build(config, device, torch.float32 if bench in TRAINING else dtype)
                 result = BENCHMARKS[bench](model, args)
                 del model
             print(f"{bench:9s} {name:18s} " + "  ".join(f"{k}: {v}" for k, v in result.items()), flush=True)

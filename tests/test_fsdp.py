@@ -39,14 +39,15 @@ def from_step_2(out, name, copy=True):
 
 
 def worker(out):
-    """Under torchrun: the 2-rank runs, one after another in the same processes."""
+    """Under torchrun: the 2-rank runs, one after another in the same processes and one process group (train()
+    leaves a group it did not start alone; a group started again on torchrun's store can meet stale keys)."""
+    dist.init_process_group("gloo")
     for name, overrides in RUNS.items():
         remask.train(sharded(out, name, **overrides), log=print)
-    dist.init_process_group("gloo")  # only for the barrier: the copy is there before either rank resumes
     resumed = from_step_2(out, "resumed", copy=dist.get_rank() == 0)
-    dist.barrier()
-    dist.destroy_process_group()
+    dist.barrier()  # the copy is there before either rank resumes
     remask.train(resumed, log=print)
+    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
