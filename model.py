@@ -314,7 +314,8 @@ class StableLM(nn.Module):
 
     @torch.no_grad()
     def resize_vocab(self, n):
-        """Grow the vocabulary to n rows; new embedding and lm_head rows = mean of the existing rows (a common choice for new tokens).
+        """Grow the vocabulary to n rows; new embedding and lm_head rows = mean of the existing rows (a common choice
+        for new tokens).
         Call before building an optimizer: the two matrices become new Parameters."""
         old = self.config.vocab_size
         if n < old:

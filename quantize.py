@@ -13,9 +13,9 @@ _int_mm's shape rules do not hold. The bytes of CB and SCB are identical to what
 and a model quantized here saves to (and loads from) the bitsandbytes 8-bit checkpoint layout (model.py).
 
 What it costs: LLM.int8 is a memory technique, not a speed one. Linear weights take 1 byte instead of 2
-(StableLM-3B: 5.6 GB of bf16 -> 3.1 GB; embeddings and lm_head stay bf16), but every call quantizes the activations, finds the outlier
-columns (a host sync) and runs an extra small matmul. On an H100 bitsandbytes' LLM.int8 decodes
-~3.3x slower than bf16 (bitsandbytes v0.45 benchmark, Llama-3.1-8B), whereas weight-only int8 with
+(StableLM-3B: 5.6 GB of bf16 -> 3.1 GB; embeddings and lm_head stay bf16), but every call quantizes the
+activations, finds the outlier columns (a host sync) and runs an extra small matmul. On an H100 bitsandbytes'
+LLM.int8 decodes ~3.3x slower than bf16 (bitsandbytes v0.45 benchmark, Llama-3.1-8B), whereas weight-only int8 with
 the dequantization fused into the matmul (gpt-fast, torch.compile) decodes ~1.5x faster than bf16
 at batch 1, because batch-1 decoding is bound by reading the weights. tests/bench_quantize.py
 measures our version against bf16 on the machine at hand.

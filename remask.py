@@ -42,6 +42,7 @@ import argparse
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import random
 import re
@@ -52,8 +53,10 @@ import sys
 import threading
 import time
 import zlib
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import partial
 from html import escape
 from pathlib import Path
 from typing import NamedTuple, Optional, Union
@@ -72,9 +75,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from data import (ARC_FEWSHOT, ARC_SEED, GSM8K_MAX_NEW_TOKENS, GSM8K_STOP, IGNORE_INDEX, MODES, PAD_ID, CoTRecord,
                   DataError, Loader, MaskConfig, Tokenizer, addition_cot, arc_contexts, arc_continuations,
-                  atomic_write, chat_prompt, collate, cot_prompt, cut_at_stop, embedded_dataset, embedded_tokenizer,
-                  encode_many, encode_pair, extract_answer, fit_length, format_record, gsm8k_prompts, load_tokenizer,
-                  mask_example, read_arc, read_gsm8k, read_mixture, round_up, score_arc, score_gsm8k)
+                  atomic_write, chat_prompt, collate, cot_prompt, cut_at_stop, describe_fit, embedded_dataset,
+                  embedded_tokenizer, encode_many, encode_pair, extract_answer, fit_length, format_record,
+                  gsm8k_prompts, load_tokenizer, mask_example, read_arc, read_gsm8k, read_mixture, round_up, score_arc,
+                  score_gsm8k)
 from model import CONFIGS, Config, StableLM, generate, recover_directory, write_directory
 
 # ----------------------------------------------------------------------------- objective: the definition
@@ -738,7 +742,8 @@ def error_line(e: BaseException) -> str:
 
 # ----------------------------------------------------------------------------- devices, ranks and accounting
 
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, NVIDIA's data sheets (not the sparse figures)
+# dense bf16, NVIDIA's data sheets (not the sparse figures)
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def peak_flops(device, dtype):
@@ -862,8 +867,7 @@ def load_examples(cfg: TrainConfig, tok, log) -> tuple:
     else:
         records, held_out, _ = embedded_dataset(cfg.seed, cfg.n_train, cfg.n_eval, cfg.digits)
     examples, dropped = fit_length(encode_many(records, tok), cfg.seq_len, cfg.truncate)
-    log(f"{len(examples)} training examples ({dropped} {'cut to' if cfg.truncate else 'longer than'} "
-        f"{cfg.seq_len} tokens {'cut' if cfg.truncate else 'dropped'}), {len(held_out)} held out")
+    log(f"training {describe_fit(len(examples), dropped, cfg.seq_len, cfg.truncate)}; {len(held_out)} held out")
     if not examples:
         raise TrainError(f"no training examples left (--seq-len {cfg.seq_len})")
     if cfg.global_batch > len(examples):  # clamped, not refused: a small data set is legitimate, a false log not
@@ -1963,48 +1967,89 @@ def curves_svg(runs, modes) -> str:
                      "optimizer step", "exact match (%)", y_range=(0, 100))
 
 
-def compare(base: TrainConfig, seeds, modes=MODES[::-1], eval_points=3, log=print) -> dict:
+def compare(base: TrainConfig, seeds, modes=MODES[::-1], eval_points=3, jobs=1, log=print) -> dict:
     """Train every mode with every seed on the same data and schedule, evaluating the held-out problems at
     eval_points evenly spaced steps (the last one the end); print the tables, write results.json and
-    curves.svg into base.out."""
+    curves.svg into base.out. jobs > 1: that many runs at once, each in its own process."""
     if base.n_eval < 1:
         raise TrainError("compare needs held-out problems: --n-eval >= 1")
-    if not seeds or eval_points < 1:
-        raise ValueError(f"compare needs at least one seed and --eval-points >= 1 (got {len(seeds)} seeds, "
-                         f"--eval-points {eval_points})")
+    if not seeds or eval_points < 1 or jobs < 1:
+        raise ValueError(f"compare needs at least one seed, --eval-points >= 1 and --jobs >= 1 (got {len(seeds)} "
+                         f"seeds, --eval-points {eval_points}, --jobs {jobs})")
     device = init_distributed(base.device)[1]
-    precision = base.precision if base.precision != "auto" else "bf16" if device.type == "cuda" else "fp32"
     started = time.perf_counter()
-    runs = []
-    for seed in seeds:  # seed-major: an interrupted comparison still holds every mode for the seeds it finished
-        seed_cfg = replace(base, seed=seed, resume=False, overwrite=True)
-        tok = load_tokenizer_for(seed_cfg, log=lambda message: None)
-        examples, held_out = load_examples(seed_cfg, tok, log=lambda message: None)
-        steps_per_epoch = len(Loader(examples, tok, seed_cfg.mask_config(), base.global_batch, base.micro_batch))
-        total = base.max_steps or steps_per_epoch * base.epochs
-        stops = sorted({max(1, round(total * k / eval_points)) for k in range(1, eval_points + 1)})
-        rng = random.Random(f"choices:{seed}")
-        choices = [addition_choices(r, rng) for r in held_out]
-        choices = choices if all(c is not None and len(c) == CHOICES for c in choices) else None
-        for mode in modes:
-            cfg = replace(seed_cfg, mode=mode, out=str(Path(base.out) / f"{mode}-seed{seed}"))
-            tag = f"[{mode} seed {seed}] "
-            run_started, curve = time.perf_counter(), []
-            for k, stop in enumerate(stops):  # chunks of one run: resume is bit-exact
-                summary = train(replace(cfg, stop_at=stop, resume=k > 0), log=lambda m: log(tag + m),
-                                evaluate_untrained=False)
-                # at the end train() has saved the final model and measured its exact match itself
-                model_dir = summary.get("model") or Path(summary["checkpoint"]) / "model"
-                point = evaluate_point(model_dir, tok, held_out, choices, device, precision, summary.get("accuracy"))
-                curve.append({"step": summary["step"], **point})
-                log(tag + f"step {summary['step']}/{total}: " + ", ".join(
-                    f"{k} {v:.4f}" for k, v in point.items() if v is not None))
-            runs.append({"mode": mode, "seed": seed, **curve[-1], "n_eval": len(held_out),
-                         "final_loss": summary["final_loss"], "seconds": time.perf_counter() - run_started,
-                         "curve": curve})
+    tasks = [(seed, mode) for seed in seeds for mode in modes]  # seed-major: an interrupted comparison still
+    if jobs == 1 or len(tasks) == 1:                            # holds every mode of the seeds it finished
+        runs = [compare_run(base, seed, mode, eval_points, log) for seed, mode in tasks]
+    else:
+        runs = compare_in_processes(base, tasks, eval_points, min(jobs, len(tasks)))
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    return report(base, runs, modes, eval_points, choices is not None, time.perf_counter() - started, device_name,
-                  log)
+    multiple_choice = all(r["mc_accuracy"] is not None for r in runs)
+    return report(base, runs, modes, eval_points, multiple_choice, time.perf_counter() - started, device_name, log)
+
+
+def compare_run(base: TrainConfig, seed, mode, eval_points, log=print) -> dict:
+    """One mode's run of one seed (it depends on nothing else) with its evaluation curve: exact match and the
+    teacher-forced loss at every point, the multiple choice (2,000 scored solutions) at the end."""
+    cfg = replace(base, seed=seed, mode=mode, out=str(Path(base.out) / f"{mode}-seed{seed}"), resume=False,
+                  overwrite=True)
+    device = resolve_device(base.device)
+    precision = resolve_precision(base.precision, device)
+    tok = load_tokenizer_for(cfg, log=lambda message: None)
+    examples, held_out = load_examples(cfg, tok, log=lambda message: None)
+    steps_per_epoch = len(Loader(examples, tok, cfg.mask_config(), base.global_batch, base.micro_batch))
+    total = base.max_steps or steps_per_epoch * base.epochs
+    stops = sorted({max(1, round(total * k / eval_points)) for k in range(1, eval_points + 1)})
+    rng = random.Random(f"choices:{seed}")  # the same distractors for every mode of a seed
+    choices = [addition_choices(r, rng) for r in held_out]
+    choices = choices if all(c is not None and len(c) == CHOICES for c in choices) else None
+    tag = f"[{mode} seed {seed}] "
+    started, curve = time.perf_counter(), []
+    for k, stop in enumerate(stops):  # chunks of one run: resume is bit-exact
+        summary = train(replace(cfg, stop_at=stop, resume=k > 0), log=lambda m: log(tag + m),
+                        evaluate_untrained=False)
+        if summary.get("interrupted"):  # the run saved its checkpoint; the comparison stops with it
+            raise Interrupted(summary["exit_code"] - 128)
+        # at the end train() has saved the final model and measured its exact match itself
+        model_dir = summary.get("model") or Path(summary["checkpoint"]) / "model"
+        point = evaluate_point(model_dir, tok, held_out, choices if stop == total else None, device, precision,
+                               summary.get("accuracy"))
+        curve.append({"step": summary["step"], **point})
+        log(tag + f"step {summary['step']}/{total}: " + ", ".join(
+            f"{k} {v:.4f}" for k, v in point.items() if v is not None))
+    return {"mode": mode, "seed": seed, **curve[-1], "n_eval": len(held_out), "final_loss": summary["final_loss"],
+            "seconds": time.perf_counter() - started, "curve": curve}
+
+
+def default_jobs(cfg: TrainConfig) -> int:
+    """Runs at once: on a CPU as many as its cores hold at --threads each; on a GPU one (they would share it)."""
+    if cfg.threads == 0 or resolve_device(cfg.device).type == "cuda":
+        return 1
+    return max(1, (os.cpu_count() or 1) // cfg.threads)
+
+
+def _ignore_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a worker left idle by Ctrl-C: the parent ends it
+
+
+def compare_in_processes(base: TrainConfig, tasks, eval_points, jobs) -> list:
+    """compare_run for every (seed, mode), `jobs` processes at a time (spawned: a forked torch can deadlock),
+    the costliest first (ReMask's two passes) so that the processes finish together; the runs come back in the
+    order of tasks. They are those of one process: a run depends on its seed alone, and with --threads 1 (the
+    preset) sums its floats in the same order. Ctrl-C or SIGTERM ends every worker at once."""
+    log_line = partial(print, flush=True)  # lines, not buffers, interleave
+    order = sorted(range(len(tasks)), key=lambda i: tasks[i][1] != "remask")  # stable: seed-major otherwise
+    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_sigint)
+    try:
+        with _StopOnSignal(log_line):  # outside a training loop: a signal raises Interrupted at once
+            futures = {i: pool.submit(compare_run, base, *tasks[i], eval_points, log_line) for i in order}
+            return [futures[i].result() for i in range(len(tasks))]
+    except BaseException:  # a signal or a failed run: the others' work would be thrown away anyway
+        for worker in multiprocessing.active_children():
+            worker.kill()
+        raise
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
 def report(base: TrainConfig, runs, modes, eval_points, multiple_choice, seconds, device_name, log=print) -> dict:
@@ -2251,10 +2296,11 @@ def cmd_compare(args):
     cfg = config_from_args(args, preset)
     if (cfg.model or cfg.data) and not hasattr(args, "n_eval"):
         cfg = replace(cfg, n_eval=500)  # real data: 500 CoT rows held out unless told otherwise
-    if args.seeds < 1 or args.eval_points < 1:
-        raise ValueError(f"--seeds and --eval-points must be >= 1, got --seeds {args.seeds}, --eval-points "
-                         f"{args.eval_points}")
-    compare(cfg, list(range(args.seeds)), args.modes, args.eval_points)
+    if args.seeds < 1 or args.eval_points < 1 or args.jobs < 0:
+        raise ValueError(f"--seeds and --eval-points must be >= 1 and --jobs >= 0, got --seeds {args.seeds}, "
+                         f"--eval-points {args.eval_points}, --jobs {args.jobs}")
+    jobs = args.jobs or default_jobs(cfg)
+    compare(cfg, list(range(args.seeds)), args.modes, args.eval_points, jobs)
     return 0
 
 
@@ -2399,6 +2445,9 @@ def build_parser():
     compare_p.add_argument("--seeds", type=int, default=5, help="seeds per mode, 0..N-1 (default 5)")
     compare_p.add_argument("--eval-points", type=int, default=3, help="evaluations per run, evenly spaced, the last "
                                                                       "at the end (default 3)")
+    compare_p.add_argument("--jobs", type=int, default=0,
+                           help="seeds trained at once, each in its own process (default 0: the CPU's cores / "
+                                "--threads on a CPU, 1 on a GPU); the table does not depend on it")
     compare_p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES[::-1]),
                            help="modes to compare (default: all three)")
     add_config_flags(compare_p, {"name": "compare", **COMPARE})

@@ -2,8 +2,9 @@
 
 Each benchmark is a function (model, args) -> dict of measurements ((config, args) for the memory plan, which
 builds its own small models), registered in BENCHMARKS; the command line runs the chosen benchmarks on the chosen
-named configs and prints one line each. Weights are random: speed does not depend on their values. With no arguments everything runs: the debug config on a CPU; on a GPU also
-stablelm-3b-4e1t (inference in bf16, training in bf16 autocast over fp32 master weights, as remask.py trains).
+named configs and prints one line each. Weights are random: speed does not depend on their values. With no
+arguments everything runs: the debug config on a CPU; on a GPU also stablelm-3b-4e1t (inference in bf16, training
+in bf16 autocast over fp32 master weights, as remask.py trains).
 
   forward    inference forward passes of a (batch, seq) block: tokens/s and achieved TFLOP/s (MFU on known GPUs)
   step       the ReMask micro-step with gradients: both passes in one forward of a 2B batch + the chunked loss
@@ -248,7 +249,8 @@ def bench_step(model, args):
     result = {"micro_batch": args.micro_batch, "seq": args.seq, **failed}
     for name, sec in times.items():
         mfu = f"{flops / sec / peak:.1%}" if peak else "n/a"
-        result[name] = f"{sec * 1e3:.1f} ms, {args.micro_batch * args.seq / sec:,.0f} tok/s, MFU {mfu}, peak {memory[name]}"
+        tokens_per_s = args.micro_batch * args.seq / sec
+        result[name] = f"{sec * 1e3:.1f} ms, {tokens_per_s:,.0f} tok/s, MFU {mfu}, peak {memory[name]}"
     for ours in ("one 2B forward", "one 2B forward, compiled"):
         for baseline in ("two forwards", "naive", "transformers"):
             if ours in times and baseline in times:

@@ -143,7 +143,7 @@ def test_tiny_compare_through_the_cli_recomputes(tmp_path, capsys):
     assert again["runs"][0]["curve"] == runs[-1]["curve"]
 
 
-@pytest.mark.parametrize("flag", [["--seeds", "0"], ["--eval-points", "0"], ["--n-eval", "0"]])
+@pytest.mark.parametrize("flag", [["--seeds", "0"], ["--eval-points", "0"], ["--n-eval", "0"], ["--jobs", "-1"]])
 def test_bad_flags_are_one_error_line(flag, tmp_path, capsys):
     assert remask.main(["compare", "--out", str(tmp_path)] + flag) == 1
     captured = capsys.readouterr()

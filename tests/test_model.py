@@ -556,7 +556,7 @@ def test_int8_fixture_loads_as_int8_layers(monkeypatch):
     expected = load_file(TINY8 / "expected.safetensors")
     with torch.no_grad():
         ours = model(expected["input_ids"])
-        # bitsandbytes' CPU backend dequantizes with 6.200124e-05 (bitsandbytes 0.45+ cpu backend); with that constant the whole
+        # bitsandbytes' CPU backend (0.45+) dequantizes with 6.200124e-05; with that constant the whole
         # 8-bit model reproduces its logits exactly, so every layer got the right int8 bytes, scales and settings
         monkeypatch.setattr(quantize, "DEQUANT_SCALE", 6.200124e-05)
         assert torch.equal(model(expected["input_ids"]), expected["logits"])
