@@ -9,8 +9,8 @@ in bf16 autocast over fp32 master weights, as remask.py trains).
   forward    inference forward passes of a (batch, seq) block: tokens/s and achieved TFLOP/s (MFU on known GPUs)
   step       the ReMask micro-step with gradients: both passes in one forward of a 2B batch + the chunked loss
              (remask.py's), against two separate forwards of the same model + the chunked loss, and against two
-             forwards + a direct fp32 loss (F.cross_entropy / log_softmax on .float() logits, the naive way),
-             and against transformers' StableLmForCausalLM doing the naive step with its own CE losses;
+             forwards + the loss by its definition on fp32 copies (remask_loss_reference, the naive way), and
+             against transformers' StableLmForCausalLM doing that naive step;
              with --compile (the default on CUDA) also the first one through torch.compile, as `train --compile`;
              sequence tokens/s, MFU, peak memory and the ratios, in the same run
   optimizer  the recipe's whole optimizer step: 256 sequences in micro-batches of 8 + Lilith with fp32 state over
@@ -43,13 +43,13 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_quantize  # noqa: E402
 from model import CONFIGS, Config, StableLM, generate  # noqa: E402
-from remask import IGNORE_INDEX, Lilith, init_distributed, peak_flops, remask_loss_parts, sharded_skeleton  # noqa: E402
+from remask import (IGNORE_INDEX, Lilith, init_distributed, peak_flops, remask_loss_parts,  # noqa: E402
+                    remask_loss_reference, sharded_skeleton)
 
 
 def reset_peak_memory(device):
@@ -174,20 +174,6 @@ def remask_batch(config, batch, seq, device, generator=None):
     return masked, ids, labels, target.expand(batch, seq)
 
 
-def direct_remask_loss(logits_masked, logits_full, labels, kl_mask, kl_weight=0.1, ce=None):
-    """The ReMask loss the straightforward way: fp32 copies of both logits, torch's own functions. ce: the
-    average of the two CE losses where the model already computed them (transformers' labels=...)."""
-    lp = logits_masked[:, :-1].float().log_softmax(-1).flatten(0, 1)  # (N, V)
-    lq = logits_full[:, :-1].float().log_softmax(-1).flatten(0, 1)  # (N, V)
-    if ce is None:
-        y = labels[:, 1:].flatten()  # (N,)
-        ce = 0.5 * (F.nll_loss(lp, y, ignore_index=IGNORE_INDEX) + F.nll_loss(lq, y, ignore_index=IGNORE_INDEX))
-    on = kl_mask[:, 1:].flatten()  # (N,)
-    kl = 0.5 * (F.kl_div(lq, lp, log_target=True, reduction="none") + F.kl_div(lp, lq, log_target=True,
-                                                                                reduction="none")).sum(-1)  # (N,)
-    return ce + kl_weight * (kl * on).sum() / on.sum()
-
-
 def training_autocast(device, args):
     return torch.autocast(device.type, dtype=torch.bfloat16) if args.train_precision == "bf16" else nullcontext()
 
@@ -210,16 +196,16 @@ def bench_step(model, args):
             logits_masked, logits_full = model(masked), model(ids)  # (B, T, V) each
         remask_loss_parts(logits_masked, logits_full, labels, 0.1, kl_mask=kl_mask).loss.backward()
 
-    def naive():  # two forwards and the direct fp32 loss
+    def naive():  # two forwards and the loss by its definition on fp32 copies
         with autocast:
             logits_masked, logits_full = model(masked), model(ids)  # (B, T, V) each
-        direct_remask_loss(logits_masked, logits_full, labels, kl_mask).backward()
+        remask_loss_reference(logits_masked.float(), logits_full.float(), labels, 0.1, kl_mask).loss.backward()
 
-    def hf_naive():  # the naive step in transformers: its own CE loss per forward, the direct fp32 KL
+    def hf_naive():  # the naive step in transformers
         with autocast:
-            masked_out, full_out = twin(masked, labels=labels), twin(ids, labels=labels)
-        ce = 0.5 * (masked_out.loss + full_out.loss)
-        direct_remask_loss(masked_out.logits, full_out.logits, labels, kl_mask, ce=ce).backward()
+            masked_out, full_out = twin(masked), twin(ids)
+        remask_loss_reference(masked_out.logits.float(), full_out.logits.float(), labels, 0.1,
+                              kl_mask).loss.backward()
 
     twin = transformers_twin(model)
     flops = 2 * args.micro_batch * args.seq * model.flops_per_token(args.seq)  # two passes with gradients
