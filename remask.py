@@ -17,9 +17,10 @@ bottom:
    training step (both ReMask passes in one forward of a 2B batch, bf16 autocast over fp32 master weights on a
    GPU, gradients accumulated and normalised by the whole step's label tokens), the loop (nothing read back from
    the GPU between log steps; a log line + metrics.jsonl per step and loss.svg), checkpoints (atomic, exact
-   --resume), data parallelism under torchrun (DDP);
+   --resume), under torchrun data parallelism (DDP) or sharded training (FSDP2: weights, gradients and
+   Lilith's state in 1/N slices per rank, sharded checkpoints with torch.distributed.checkpoint);
 5. held-out evaluation (greedy exact match, teacher-forced loss) and compare: every mode x several seeds on the
-   same data and budget, a Markdown table and results.json;
+   same data and schedule, evaluated during training, mean ± std and paired t intervals, results.json and an SVG;
 6. using a model: streamed generation, a terminal chat, and the GSM8K (5-shot, strict match) and ARC-Challenge
    (25-shot, acc_norm) evaluations as lm-evaluation-harness scores them (prompts and metrics live in data.py);
 7. the command line: `python remask.py train|compare|generate|chat|eval --help`.
@@ -28,8 +29,8 @@ It brings model.py (StableLM), data.py (tokenizer, formats, masking) and quantiz
 Deliberately left out: temperature in the KL (the card uses 1), a fused matmul + loss kernel (the logits are
 materialised once, in the model's dtype), foreach/fused optimizer kernels (one readable loop over tensors),
 second derivatives of the loss, gradient clipping (the recipe has none; Lilith rescales each gradient to its
-parameter's norm), FSDP/ZeRO sharding (DDP keeps a full replica per GPU; not yet) and fp16 loss scaling (bf16
-needs none).
+parameter's norm), tensor and pipeline parallelism (FSDP2 fits the family up to 3B on the cards people have)
+and fp16 loss scaling (bf16 needs none).
 
 References: the ReMask-3B model card (huggingface.co/euclaise/ReMask-3B); R-TeaFor (Lin & Cheng, EMNLP 2022,
 aclanthology.org/2022.emnlp-main.423) for the two passes with forward + reverse KL; Masked Thought (Chen et al.,
