@@ -680,6 +680,9 @@ class TrainConfig:
     compile: bool = _option(False, "torch.compile the model (worth it on a GPU; the first steps compile)")
     grad_checkpointing: bool = _option(False, "recompute each block in backward: far less activation memory for "
                                               "~1/3 more compute")
+    reduce_every_micro_batch: bool = _option(False, "under torchrun: reduce(-scatter) the gradients after every "
+                                                    "micro-batch, not once a step: no whole fp32 gradient per rank "
+                                                    "with --parallel fsdp (what fits the 12B), more communication")
     threads: int = _option(0, "CPU threads per process; 0: the cores shared among this machine's ranks")
     log_every: int = _option(1, "optimizer steps per log line; the loop syncs with the device only there and at "
                                 "checkpoints")
@@ -727,8 +730,8 @@ DEMO = dict(out="runs/demo", seq_len=128, micro_batch=32, global_batch=32, epoch
 
 # Fields that may differ on --resume: they change how the run executes, not what it computes (micro_batch
 # changes the order of float sums only; n_eval only the evaluation at the end).
-RUNTIME_FIELDS = {"out", "device", "compile", "grad_checkpointing", "threads", "log_every", "save_every", "keep",
-                  "stop_at", "resume", "overwrite", "micro_batch", "n_eval"}
+RUNTIME_FIELDS = {"out", "device", "compile", "grad_checkpointing", "reduce_every_micro_batch", "threads", "log_every",
+                  "save_every", "keep", "stop_at", "resume", "overwrite", "micro_batch", "n_eval"}
 
 
 class TrainError(RuntimeError):
@@ -907,18 +910,20 @@ def micro_step_loss(model, batch, mode, kl_weight, counts, device, autocast) -> 
     return loss, torch.stack([ce, zero, zero] if mode == "masked-thought" else [zero, ce, zero])
 
 
-def accumulate_gradients(runner, batches, mode, kl_weight, device, autocast, wrapper=None, world=1) -> tuple:
+def accumulate_gradients(runner, batches, mode, kl_weight, device, autocast, wrapper=None, world=1,
+                         reduce_every_micro_batch=False) -> tuple:
     """Forward and backward every micro-batch of one optimizer step into .grad: (the step's loss, (3,) its parts),
-    on the device; wrapper: the DDP or FSDP2 module whose gradient sync waits for the last micro-batch. Nothing
-    is read back from the device (tests/test_train.py runs this on the meta device, where any read fails): the
+    on the device; wrapper: the DDP or FSDP2 module whose gradient sync waits for the last micro-batch (unless
+    reduce_every_micro_batch). Nothing is read back from the device (tests/test_train.py runs this on the meta device, where any read fails): the
     host runs ahead and the GPU never waits for it."""
     counts = step_counts(batches, device)
     if world > 1:
         dist.all_reduce(counts)  # the global step's counts: every rank normalises alike
     loss_sum, part_sums = torch.zeros((), device=device), torch.zeros(3, device=device)
     for i, batch in enumerate(batches):
-        sync = wrapper is None or i == len(batches) - 1  # all-reduce (reduce-scatter) gradients once, after the last
-        if isinstance(wrapper, FSDPModule):  # until then each rank accumulates unsharded fp32 gradients
+        # all-reduce (reduce-scatter) gradients once, after the last; until then each rank accumulates them whole
+        sync = wrapper is None or reduce_every_micro_batch or i == len(batches) - 1
+        if isinstance(wrapper, FSDPModule):
             wrapper.set_requires_gradient_sync(sync)
         with nullcontext() if sync or isinstance(wrapper, FSDPModule) else wrapper.no_sync():
             loss, parts = micro_step_loss(runner, batch, mode, kl_weight, counts, device, autocast)
@@ -1727,7 +1732,7 @@ def _train(cfg, ranks, device, log, stopper, evaluate_before):
             epoch, in_epoch = divmod(step, len(loader))
             batches = loader.micro_batches(epoch, in_epoch)
             loss, parts = accumulate_gradients(runner, batches, cfg.mode, cfg.kl_weight, device, autocast, wrapper,
-                                               ranks.world)
+                                               ranks.world, cfg.reduce_every_micro_batch)
             lr = one_cycle_lr(step, total, cfg.lr, cfg.pct_start)
             for group in optimizer.param_groups:
                 group["lr"] = lr

@@ -346,13 +346,17 @@ def bench_memory(config, args):
             # the whole fp32 gradient (no reduce-scatter per micro-batch); the root (embeddings, head) stays
             # gathered through the step, the running block and the prefetched next one besides (bf16 under bf16)
             # and the running block's gradient; no autocast weight copies (the gathered weights are bf16 already).
+            # (--reduce-every-micro-batch: no whole gradient, only the running block's)
             accumulating = args.global_batch > micro_batch * ranks
             gathered = (n_params - L * block_params + 2 * block_params) * logits_bytes + 4 * block_params
-            shared = static / ranks + 4 * n_params * accumulating + gathered + logits
-            plain = shared + tokens * (L * per_layer_token + rest_token)
-            ckpt = shared + tokens * (L * 4 * C + per_layer_token + rest_token)
-            result[f"micro-batch {micro_batch}, fsdp {ranks} ranks"] = (f"{plain / 1e9:.1f} GB, with "
-                                                                        f"--grad-checkpointing {ckpt / 1e9:.1f} GB")
+            plans = []
+            for whole_gradient in (accumulating, False):
+                shared = static / ranks + 4 * n_params * whole_gradient + gathered + logits
+                plain = shared + tokens * (L * per_layer_token + rest_token)
+                ckpt = shared + tokens * (L * 4 * C + per_layer_token + rest_token)
+                plans.append(f"{plain / 1e9:.1f} GB, with --grad-checkpointing {ckpt / 1e9:.1f} GB")
+            result[f"micro-batch {micro_batch}, fsdp {ranks} ranks"] = plans[0]
+            result[f"micro-batch {micro_batch}, fsdp {ranks} ranks, --reduce-every-micro-batch"] = plans[1]
     return result
 
 

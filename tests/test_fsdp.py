@@ -20,8 +20,10 @@ from remask import TrainError  # noqa: E402
 from test_train import metrics, tiny, weights  # noqa: E402
 
 # remask accumulates 2 micro-batches per rank and step (the reduce-scatter waits for the second) and saves at step 2;
-# masked-thought also recomputes blocks (--grad-checkpointing: their weights are all-gathered again in backward).
-RUNS = {"remask": dict(micro_batch=4, save_every=2), "masked-thought": dict(grad_checkpointing=True), "sft": {}}
+# masked-thought also recomputes blocks (--grad-checkpointing: their weights are all-gathered again in backward);
+# sft reduce-scatters after each of its 2 micro-batches (--reduce-every-micro-batch).
+RUNS = {"remask": dict(micro_batch=4, save_every=2), "masked-thought": dict(grad_checkpointing=True),
+        "sft": dict(micro_batch=4, reduce_every_micro_batch=True)}
 
 
 def sharded(out, name, mode=None, **overrides):
