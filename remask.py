@@ -1709,7 +1709,7 @@ def _train(cfg, ranks, device, log, stopper, evaluate_before):
         dist.barrier()  # the other ranks write nothing; rank 0 has made --out the run's
     total = cfg.max_steps or len(loader) * cfg.epochs
     step_size = min(cfg.global_batch, len(examples))
-    log(f"{type(model).__name__} {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device} "
+    log(f"StableLM {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device} "
         f"({precision}), {ranks.world} rank(s); {len(loader)} steps per epoch, {total} steps of {step_size} "
         f"sequences, micro-batch {cfg.micro_batch}, mode {cfg.mode}; each log line: means over its steps")
     summary = {"out": str(out), "total_steps": total}
