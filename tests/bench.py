@@ -260,7 +260,7 @@ def bench_optimizer(model, args):
     def step():
         for i in range(accum):
             if ranks > 1:  # reduce-scatter after the last micro-batch only, as remask.accumulate_gradients
-                model.set_requires_gradient_sync(i == accum - 1)
+                model.set_requires_gradient_sync(args.reduce_every_micro_batch or i == accum - 1)
             masked, ids, labels, kl_mask = batches[i % len(batches)]
             with autocast:
                 logits = model(torch.cat([masked, ids]))  # (2B, T, V)
@@ -271,7 +271,8 @@ def bench_optimizer(model, args):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    result = {"ranks": ranks, "micro_batch": micro_batch, "accum": accum, "grad_checkpointing": args.grad_checkpointing}
+    result = {"ranks": ranks, "micro_batch": micro_batch, "accum": accum, "grad_checkpointing": args.grad_checkpointing,
+              "reduce_every_micro_batch": args.reduce_every_micro_batch}
     reset_peak_memory(device)
     try:
         sec = seconds_per_call(step, device, 1, 1)
@@ -346,12 +347,14 @@ def bench_memory(config, args):
             # the whole fp32 gradient (no reduce-scatter per micro-batch); the root (embeddings, head) stays
             # gathered through the step, the running block and the prefetched next one besides (bf16 under bf16)
             # and the running block's gradient; no autocast weight copies (the gathered weights are bf16 already).
-            # (--reduce-every-micro-batch: no whole gradient, only the running block's)
+            # --reduce-every-micro-batch: no whole gradient, but the root's, held through the backward (its unit
+            # ends with the embeddings), and the fp32 buffer its reduce-scatter copies it into
             accumulating = args.global_batch > micro_batch * ranks
-            gathered = (n_params - L * block_params + 2 * block_params) * logits_bytes + 4 * block_params
+            root_params = n_params - L * block_params
+            gathered = (root_params + 2 * block_params) * logits_bytes + 4 * block_params
             plans = []
-            for whole_gradient in (accumulating, False):
-                shared = static / ranks + 4 * n_params * whole_gradient + gathered + logits
+            for gradient in (4 * n_params if accumulating else 2 * 4 * root_params, 2 * 4 * root_params):
+                shared = static / ranks + gradient + gathered + logits
                 plain = shared + tokens * (L * per_layer_token + rest_token)
                 ckpt = shared + tokens * (L * 4 * C + per_layer_token + rest_token)
                 plans.append(f"{plain / 1e9:.1f} GB, with --grad-checkpointing {ckpt / 1e9:.1f} GB")
@@ -412,6 +415,8 @@ def main(argv=None):
                    help="optimizer: sequences per micro-step (8: what fits an 80 GB card, see the memory plan)")
     p.add_argument("--global-batch", type=int, default=256, help="optimizer: sequences per optimizer step")
     p.add_argument("--grad-checkpointing", action="store_true", help="optimizer: recompute blocks in backward")
+    p.add_argument("--reduce-every-micro-batch", action="store_true",
+                   help="optimizer under torchrun: reduce-scatter after every micro-batch, as train's flag")
     p.add_argument("--ranks", type=int, nargs="*", default=[],
                    help="memory: also the per-rank plan of `train --parallel fsdp` on each of these numbers of ranks "
                         "(the optimizer step itself runs sharded when launched by torchrun)")
