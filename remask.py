@@ -17,9 +17,10 @@ bottom:
    training step (both ReMask passes in one forward of a 2B batch, bf16 autocast over fp32 master weights on a
    GPU, gradients accumulated and normalised by the whole step's label tokens), the loop (nothing read back from
    the GPU between log steps; a log line + metrics.jsonl per step and loss.svg), checkpoints (atomic, exact
-   --resume), data parallelism under torchrun (DDP);
+   --resume), under torchrun data parallelism (DDP) or sharded training (FSDP2: weights, gradients and
+   Lilith's state in 1/N slices per rank, sharded checkpoints with torch.distributed.checkpoint);
 5. held-out evaluation (greedy exact match, teacher-forced loss) and compare: every mode x several seeds on the
-   same data and budget, a Markdown table and results.json;
+   same data and schedule, evaluated during training, mean ± std and paired t intervals, results.json and an SVG;
 6. using a model: streamed generation, a terminal chat, and the GSM8K (5-shot, strict match) and ARC-Challenge
    (25-shot, acc_norm) evaluations as lm-evaluation-harness scores them (prompts and metrics live in data.py);
 7. the command line: `python remask.py train|compare|generate|chat|eval --help`.
@@ -28,8 +29,8 @@ It brings model.py (StableLM), data.py (tokenizer, formats, masking) and quantiz
 Deliberately left out: temperature in the KL (the card uses 1), a fused matmul + loss kernel (the logits are
 materialised once, in the model's dtype), foreach/fused optimizer kernels (one readable loop over tensors),
 second derivatives of the loss, gradient clipping (the recipe has none; Lilith rescales each gradient to its
-parameter's norm), FSDP/ZeRO sharding (DDP keeps a full replica per GPU; not yet) and fp16 loss scaling (bf16
-needs none).
+parameter's norm), tensor and pipeline parallelism (FSDP2 fits the family up to 3B on the cards people have)
+and fp16 loss scaling (bf16 needs none).
 
 References: the ReMask-3B model card (huggingface.co/euclaise/ReMask-3B); R-TeaFor (Lin & Cheng, EMNLP 2022,
 aclanthology.org/2022.emnlp-main.423) for the two passes with forward + reverse KL; Masked Thought (Chen et al.,
@@ -54,7 +55,7 @@ import threading
 import time
 import zlib
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from html import escape
@@ -64,7 +65,13 @@ from typing import NamedTuple, Optional, Union
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from data import (ARC_FEWSHOT, ARC_SEED, GSM8K_MAX_NEW_TOKENS, GSM8K_STOP, IGNORE_INDEX, MODES, PAD_ID, CoTRecord,
@@ -453,6 +460,13 @@ def _count(name, value, measured, device, dtype):
 # at its final commit 8da52ce. tests/fixtures/lilith holds trajectories made by that code.
 
 
+def whole_norm(tensor, dtype):
+    """The 2-norm of the whole tensor: of a DTensor (a parameter sharded by FSDP2) over all its shards, not this
+    rank's (DTensor's norm is a partial result; full_tensor() all-reduces it)."""
+    norm = torch.linalg.vector_norm(tensor, dtype=dtype)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
 def _state_dtype(param):
     # bf16 state drifts (v_avg 15% off in 1000 steps: README, Public API), so fp32 state for 16-bit parameters
     return torch.float32 if param.dtype in (torch.bfloat16, torch.float16) else param.dtype
@@ -537,9 +551,8 @@ class Lilith(torch.optim.Optimizer):
                 state["ema"] = p.detach().to(dtype, copy=True)
         state["step"] += 1
         m1, m2, v = state["m_avg1"], state["m_avg2"], state["v_avg"]
-        if sum(p.grad.shape) > 1:
-            p_norm = torch.linalg.vector_norm(p, dtype=dtype)
-            g_norm = torch.linalg.vector_norm(p.grad, dtype=dtype)
+        if sum(p.grad.shape) > 1:  # a DTensor's shape is the whole tensor's
+            p_norm, g_norm = whole_norm(p, dtype), whole_norm(p.grad, dtype)
             p.grad.mul_((p_norm / g_norm.clamp(min=group["g_norm_min"])).clamp(min=group["ratio_min"]))
         g = p.grad.to(dtype)
         # the original's sequence of in-place lerps, so that fp32 results round as the original's do
@@ -659,12 +672,17 @@ class TrainConfig:
                              "or CoT rows held out of --data (0: no evaluation)")
     device: str = _option("auto", "cpu, cuda, cuda:1 ...; auto: the GPU if there is one (under torchrun: the "
                                   "local rank's)")
+    parallel: str = _option("ddp", "under torchrun: ddp (a full replica per rank) or fsdp (weights, gradients and "
+                                   "Lilith's state sharded across ranks, FSDP2)", choices=("ddp", "fsdp"))
     precision: str = _option("auto", "bf16: bf16 autocast over fp32 master weights (Lilith state fp32); fp32; "
                                      "auto: bf16 on CUDA, fp32 elsewhere (CPU bf16 is slow)",
                              choices=PRECISIONS)
     compile: bool = _option(False, "torch.compile the model (worth it on a GPU; the first steps compile)")
     grad_checkpointing: bool = _option(False, "recompute each block in backward: far less activation memory for "
                                               "~1/3 more compute")
+    reduce_every_micro_batch: bool = _option(False, "under torchrun: reduce(-scatter) the gradients after every "
+                                                    "micro-batch, not once a step: no whole fp32 gradient per rank "
+                                                    "with --parallel fsdp (what fits the 12B), more communication")
     threads: int = _option(0, "CPU threads per process; 0: the cores shared among this machine's ranks")
     log_every: int = _option(1, "optimizer steps per log line; the loop syncs with the device only there and at "
                                 "checkpoints")
@@ -712,8 +730,8 @@ DEMO = dict(out="runs/demo", seq_len=128, micro_batch=32, global_batch=32, epoch
 
 # Fields that may differ on --resume: they change how the run executes, not what it computes (micro_batch
 # changes the order of float sums only; n_eval only the evaluation at the end).
-RUNTIME_FIELDS = {"out", "device", "compile", "grad_checkpointing", "threads", "log_every", "save_every", "keep",
-                  "stop_at", "resume", "overwrite", "micro_batch", "n_eval"}
+RUNTIME_FIELDS = {"out", "device", "compile", "grad_checkpointing", "reduce_every_micro_batch", "threads", "log_every",
+                  "save_every", "keep", "stop_at", "resume", "overwrite", "micro_batch", "n_eval"}
 
 
 class TrainError(RuntimeError):
@@ -892,19 +910,24 @@ def micro_step_loss(model, batch, mode, kl_weight, counts, device, autocast) -> 
     return loss, torch.stack([ce, zero, zero] if mode == "masked-thought" else [zero, ce, zero])
 
 
-def accumulate_gradients(runner, batches, mode, kl_weight, device, autocast, ddp=None, world=1) -> tuple:
+def accumulate_gradients(runner, batches, mode, kl_weight, device, autocast, wrapper=None, world=1,
+                         reduce_every_micro_batch=False) -> tuple:
     """Forward and backward every micro-batch of one optimizer step into .grad: (the step's loss, (3,) its parts),
-    on the device. Nothing is read back from the device (tests/test_train.py runs this on the meta device, where
-    any read fails): the host runs ahead and the GPU never waits for it."""
+    on the device; wrapper: the DDP or FSDP2 module whose gradient sync waits for the last micro-batch (unless
+    reduce_every_micro_batch). Nothing is read back from the device (tests/test_train.py runs this on the meta device, where any read fails): the
+    host runs ahead and the GPU never waits for it."""
     counts = step_counts(batches, device)
     if world > 1:
         dist.all_reduce(counts)  # the global step's counts: every rank normalises alike
     loss_sum, part_sums = torch.zeros((), device=device), torch.zeros(3, device=device)
     for i, batch in enumerate(batches):
-        sync = ddp is None or i == len(batches) - 1  # all-reduce gradients once, after the last
-        with nullcontext() if sync else ddp.no_sync():
+        # all-reduce (reduce-scatter) gradients once, after the last; until then each rank accumulates them whole
+        sync = wrapper is None or reduce_every_micro_batch or i == len(batches) - 1
+        if isinstance(wrapper, FSDPModule):
+            wrapper.set_requires_gradient_sync(sync)
+        with nullcontext() if sync or isinstance(wrapper, FSDPModule) else wrapper.no_sync():
             loss, parts = micro_step_loss(runner, batch, mode, kl_weight, counts, device, autocast)
-            (loss * world if world > 1 else loss).backward()  # DDP averages over ranks; losses are global already
+            (loss * world if world > 1 else loss).backward()  # DDP/FSDP average over ranks; losses are global already
         loss_sum += loss.detach()
         part_sums += parts
     return loss_sum, part_sums
@@ -920,6 +943,7 @@ def accumulate_gradients(runner, batches, mode, kl_weight, device, autocast, ddp
 
 CHECKPOINT = re.compile(r"step-(\d{6,})")
 CHECKSUMS = "checksums.json"
+SHARDS_METADATA = "shards/.metadata"  # a sharded checkpoint's (torch.distributed.checkpoint) index of the slices
 READ_CHUNK = 1 << 24  # bytes per read while checksumming: 16 MiB
 
 
@@ -972,8 +996,8 @@ def verify_checkpoint(path) -> list:
         return [f"{CHECKSUMS}: missing"]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return [f"{CHECKSUMS}: unreadable ({type(e).__name__}: {e})"]
-    problems = [f"{name}: not recorded in {CHECKSUMS}" for name in ("trainer.pt", "model/config.json")
-                if name not in sizes]
+    weights = SHARDS_METADATA if SHARDS_METADATA in sizes else "model/config.json"  # sharded or whole
+    problems = [f"{name}: not recorded in {CHECKSUMS}" for name in ("trainer.pt", weights) if name not in sizes]
     for name, size in sizes.items():
         file = path / name
         if not file.is_file():
@@ -1005,16 +1029,19 @@ def write_checkpoint(directory, step, model, tok, optimizer, cfg, data):
     """Fill an empty directory with checkpoint `step`: model/, trainer.pt, then checksums.json."""
     directory = Path(directory)
     model.save_pretrained(directory / "model", extra=tok.save)
+    write_trainer_state(directory, step, cfg, data, optimizer=optimizer.state_dict())
+    write_checksums(directory)
+
+
+def write_trainer_state(directory, step, cfg, data, **extra):
     rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
            else [], "numpy": np.random.get_state(), "python": random.getstate()}
-    torch.save({"step": step, "config": asdict(cfg), "data": data, "optimizer": optimizer.state_dict(), "rng": rng},
-               directory / "trainer.pt")
-    write_checksums(directory)
+    torch.save({"step": step, "config": asdict(cfg), "data": data, "rng": rng, **extra}, directory / "trainer.pt")
 
 
 def is_checkpoint_directory(path) -> bool:
     """What a checkpoint writer may replace: an empty directory or one holding only a checkpoint's entries."""
-    return all(p.name in ("model", "trainer.pt", CHECKSUMS) for p in Path(path).iterdir())
+    return all(p.name in ("model", "shards", "trainer.pt", CHECKSUMS) for p in Path(path).iterdir())
 
 
 def _remove_checkpoint(path):
@@ -1054,13 +1081,26 @@ def rotate_checkpoints(out, keep, newest):
         _remove_checkpoint(old)
 
 
-def load_checkpoint(path, cfg: TrainConfig, device, data) -> tuple:
-    """(model, trainer state) of a verified checkpoint, refusing one whose recipe (naming the field) or training
-    data (data_fingerprint of this run's examples) differ from this run's."""
+def load_checkpoint(path, cfg: TrainConfig, device, data, shards=0) -> tuple:
+    """(model, trainer state) of a verified checkpoint, refusing one whose recipe (naming the field), training
+    data (data_fingerprint of this run's examples) or sharding (shards: ranks, 0 for a whole model) differ from
+    this run's. A sharded checkpoint's model is a sharded skeleton that load_sharded fills once Lilith is built."""
     path = Path(path)
     try:
         state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
-        model = StableLM.from_pretrained(path / "model", dtype=torch.float32)
+    except Exception as e:  # its files are as written, yet do not load: not a checkpoint this code wrote
+        raise TrainError(f"--resume: {path} does not load: {type(e).__name__}: {str(e).strip().splitlines()[0]}"
+                         ) from None
+    if state.get("world", 0) != shards:  # DCP could reshard, but each rank's share of the data would change
+        saved = f"sharded over {state['world']} ranks" if "world" in state else "whole (not sharded)"
+        raise TrainError(f"--resume: {path} was saved {saved}; this run has {shards or 'no'} shards: resume with "
+                         f"the number of ranks and the --parallel it was saved with")
+    try:
+        if shards:
+            precision = resolve_precision(cfg.precision, device)
+            model = sharded_skeleton(Config.from_dict(state["model_config"]), device, precision)
+        else:
+            model = StableLM.from_pretrained(path / "model", dtype=torch.float32)
     except Exception as e:  # its files are as written, yet do not load: not a checkpoint this code wrote
         raise TrainError(f"--resume: {path} does not load: {type(e).__name__}: {str(e).strip().splitlines()[0]}"
                          ) from None
@@ -1083,6 +1123,106 @@ def restore_rng(rng):
         torch.cuda.set_rng_state_all(rng["cuda"])
     np.random.set_state(rng["numpy"])
     random.setstate(rng["python"])
+
+# ----------------------------------------------------------------------------- sharded training (FSDP2)
+# --parallel fsdp (torch.distributed.fsdp.fully_shard) on several ranks: each block is one unit, the root
+# (embeddings, final norm, head) another; every parameter becomes a DTensor of which each rank holds a 1/N slice
+# along dim 0. A unit's whole weights are all-gathered just before its forward (and again before its backward) and
+# freed after; its gradients are reduce-scattered back into slices. Lilith, built on the sharded parameters, keeps
+# its state as slices of the same shape (whole_norm gives it the norms of whole tensors), so weights, gradients and
+# state take 1/N of the memory per rank. A sharded checkpoint: step-000120/{shards/ (torch.distributed.checkpoint:
+# a .distcp file per rank + .metadata), trainer.pt, checksums.json}, placed as a whole one is (write_directory).
+
+
+def shard_model(model, device, precision):
+    """Shard model in place over all ranks. bf16: weights all-gathered and used in bf16, gradients reduced in fp32
+    into fp32 slices (FSDP2's mixed precision, the same recipe as autocast over fp32 master weights)."""
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if precision == "bf16" else None,
+                                  reduce_dtype=torch.float32)
+    for block in model.model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)  # the root: embeddings, final norm and head
+    return model
+
+
+def sharded_skeleton(config, device, precision):
+    """A sharded model whose slices are allocated, not filled (load_sharded fills them): no whole copy anywhere."""
+    with torch.device("meta"):
+        model = StableLM(config)
+    return shard_model(model, device, precision).to_empty(device=device)
+
+
+def save_sharded_checkpoint(out, step, model, optimizer, cfg, keep, data) -> Path:
+    """Checkpoint `step` of a sharded run; a collective. Rank 0 places it through write_directory, as a whole one;
+    inside its fill every rank writes its slices into rank 0's temporary directory (several nodes: a shared file
+    system), then rank 0 adds trainer.pt and checksums.json (dcp.save returns once every rank's file is written)."""
+    final = Path(out) / "checkpoints" / f"step-{step:06d}"
+    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    if dist.get_rank() != 0:
+        where = [None]
+        dist.broadcast_object_list(where)
+        if where[0] is None:
+            raise TrainError(f"rank 0 could not start writing {final}")
+        dcp.save(state, checkpoint_id=Path(where[0]) / "shards")
+        return final
+    told = False
+
+    def fill(tmp):
+        nonlocal told
+        dist.broadcast_object_list([str(tmp)])
+        told = True
+        dcp.save(state, checkpoint_id=tmp / "shards")
+        write_trainer_state(tmp, step, cfg, data, world=dist.get_world_size(), model_config=model.config.to_dict())
+        write_checksums(tmp)
+
+    recover_checkpoints(out)
+    try:
+        write_directory(final, fill, replaceable=is_checkpoint_directory)
+    except BaseException:
+        if not told:  # the other ranks wait for the directory: tell them there is none
+            dist.broadcast_object_list([None])
+        raise
+    rotate_checkpoints(out, keep, final)
+    return final
+
+
+def load_sharded(path, model, optimizer):
+    """Fill the sharded model and Lilith from a verified sharded checkpoint; a collective."""
+    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=Path(path) / "shards")
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+def save_full_model(model, tok, path):
+    """Gather the sharded weights (a collective) and write them once, from rank 0, as a Hugging Face directory in
+    the source's dtype. Rank 0 holds the whole model in host memory for it."""
+    whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:
+        return
+    with torch.device("meta"):
+        plain = StableLM(model.config)
+    plain.load_state_dict(whole, assign=True)
+    if model.config.tie_word_embeddings:
+        plain.lm_head.weight = plain.model.embed_tokens.weight
+    plain.to(getattr(torch, model.config.torch_dtype)).save_pretrained(path, extra=tok.save)
+
+
+@contextmanager
+def gathered_root(model):
+    """generate() calls the embeddings and the head directly, not through the model's forward, whose hook would
+    all-gather them: gather them here (blocks gather themselves). Every rank must run the same calls in step."""
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    with torch.no_grad():  # FSDP2 sets itself up in the root's first forward: one token, before any block's
+        model(torch.zeros(1, 1, dtype=torch.long, device=model.model.norm.weight.device))
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
 
 # ----------------------------------------------------------------------------- logging and plots
 
@@ -1358,7 +1498,7 @@ def sync_now(step, stop, cfg, stopper, world) -> tuple:
 def read_back(totals, model, stop_requested, world) -> dict:
     """The loop's one read-back: the sums since the last log line over all ranks, whether any rank was signalled,
     and whether every weight is finite (non-finite weights must never become "the last good checkpoint")."""
-    finite = torch.stack([p.isfinite().all() for p in model.parameters()]).all()
+    finite = torch.stack([local(p).isfinite().all() for p in model.parameters()]).all()  # all-reduced below
     device_sums = torch.stack([totals.loss, totals.ce_masked, totals.ce_full, totals.kl, totals.grad_norm])
     host_sums = torch.tensor([totals.tokens, totals.flops, stop_requested], dtype=torch.float32,
                              device=device_sums.device)
@@ -1369,6 +1509,17 @@ def read_back(totals, model, stop_requested, world) -> dict:
     # the losses are global already (normalised by the whole step's counts); the grad norm is every rank's
     return dict(loss=loss, ce_masked=ce_masked, ce_full=ce_full, kl=kl, grad_norm=grad_norm / world, tokens=tokens,
                 flops=flops, interrupted=signalled > 0, finite=not_finite == 0)
+
+
+def local(tensor):
+    """This rank's slice of a sharded (DTensor) parameter, or the tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def gradient_norm(model) -> torch.Tensor:
+    """The 2-norm of the whole gradient (sharded: over every rank's slices, the same on every rank)."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
 def check_finite(seen, steps, step, last_saved):
@@ -1437,36 +1588,47 @@ def claim_run_directory(cfg, previous, log):
     log.start_file(out / "train.log")
 
 
-def model_and_optimizer(cfg, tok, resume_from, fingerprint, device, log) -> tuple:
-    """(model, Lilith, first step): from a verified checkpoint (with its RNG states), or fresh."""
+def model_and_optimizer(cfg, tok, resume_from, fingerprint, device, log, shards=0) -> tuple:
+    """(model, Lilith, first step): from a verified checkpoint (with its RNG states), or fresh; shards: the ranks
+    a --parallel fsdp model is sharded over (0: a whole model)."""
+    precision = resolve_precision(cfg.precision, device)
     if resume_from is None:
-        model = load_model(cfg, tok, log).to(device).train()
+        model = load_model(cfg, tok, log)
+        model = (shard_model(model, device, precision) if shards else model).to(device).train()
         return model, Lilith(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay), 0
-    model, state = load_checkpoint(resume_from, cfg, device, fingerprint)
+    model, state = load_checkpoint(resume_from, cfg, device, fingerprint, shards)
     if len(tok) > model.config.vocab_size:
         raise TrainError(f"--resume: {resume_from} has {model.config.vocab_size} vocabulary rows, the tokenizer "
                          f"needs {len(tok)}")
     model.to(device).train()
     optimizer = Lilith(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    optimizer.load_state_dict(state["optimizer"])
+    if shards:
+        load_sharded(resume_from, model, optimizer)
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     restore_rng(state["rng"])
     log(f"resumed from {resume_from} at step {state['step']}")
     return model, optimizer, state["step"]
 
 
 def wrap_for_training(model, cfg, ranks, device) -> tuple:
-    """(runner, ddp): what the step calls (DDP over ranks, then torch.compile) and the DDP wrapper or None."""
+    """(runner, wrapper): what the step calls (DDP over ranks, then torch.compile) and the DDP or FSDP2 module
+    whose gradient sync accumulate_gradients defers, or None."""
     model.gradient_checkpointing = cfg.grad_checkpointing
-    if ranks.world == 1:
-        ddp, runner = None, model
+    if isinstance(model, FSDPModule):
+        wrapper = runner = model  # sharded by model_and_optimizer: an FSDP2 model is its own wrapper
+    elif ranks.world == 1:
+        wrapper, runner = None, model
     else:
-        ddp = runner = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return (torch.compile(runner) if cfg.compile else runner), ddp
+        wrapper = runner = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return (torch.compile(runner) if cfg.compile else runner), wrapper
 
 
 def untrained_accuracy(model, tok, held_out, device, precision, log) -> float:
+    """Rank 0's, or (sharded) every rank's in step."""
     model.eval()
-    accuracy = exact_match(model, tok, held_out, device, precision)[0]
+    with gathered_root(model):
+        accuracy = exact_match(model, tok, held_out, device, precision)[0]
     model.train()
     log(f"untrained exact match on {len(held_out)} held-out problems: {accuracy:.1%}")
     return accuracy
@@ -1481,21 +1643,25 @@ def history_until(metrics_file, step) -> list:
     return history
 
 
-def finish(model, tok, out, history, held_out, device, precision, summary, log):
-    """The end of a whole run (rank 0): the loss curve, the final model as a Hugging Face directory, and the
-    held-out evaluation (into summary)."""
-    if history:
+def finish(model, tok, out, history, held_out, device, precision, summary, log, main=True):
+    """The end of a whole run (rank 0; a sharded model: every rank, in step): the loss curve, the final model as a
+    Hugging Face directory, and the held-out evaluation (into summary)."""
+    final = out / "model"
+    if main and history:
         loss_curve = Series("loss", [m["step"] for m in history], [m["loss"] for m in history])
         atomic_write(out / "loss.svg", svg_chart([loss_curve], "training loss", "optimizer step"))
-    final = out / "model"
-    model.to(getattr(torch, model.config.torch_dtype))  # the source's dtype (bf16 for StableLM-3B)
-    model.save_pretrained(final, extra=tok.save)  # the tokenizer joins the directory before it appears
+    if isinstance(model, FSDPModule):
+        save_full_model(model, tok, final)  # gathered, written once by rank 0
+    else:
+        model.to(getattr(torch, model.config.torch_dtype))  # the source's dtype (bf16 for StableLM-3B)
+        model.save_pretrained(final, extra=tok.save)  # the tokenizer joins the directory before it appears
     summary["model"] = str(final)
     log(f"saved the trained model as a Hugging Face directory: {final}")
     if held_out:
         model.eval()
-        summary["accuracy"], completions = exact_match(model, tok, held_out, device, precision)
-        summary["eval_loss"] = teacher_forced_loss(model, tok, held_out, device, precision)
+        with gathered_root(model):
+            summary["accuracy"], completions = exact_match(model, tok, held_out, device, precision)
+            summary["eval_loss"] = teacher_forced_loss(model, tok, held_out, device, precision)
         before = f" (untrained: {summary['accuracy_untrained']:.1%})" if "accuracy_untrained" in summary else ""
         log(f"held-out exact match: {summary['accuracy']:.1%} of {len(held_out)}{before}; teacher-forced loss "
             f"{summary['eval_loss']:.4f}. Example: {cot_prompt(held_out[0].prompt)!r} -> {completions[0]!r}")
@@ -1503,6 +1669,7 @@ def finish(model, tok, out, history, held_out, device, precision, summary, log):
 
 def train(cfg: TrainConfig, log=print, evaluate_untrained=True) -> dict:
     """Run (or resume) one training run; returns its summary (also printed). Under torchrun every rank calls it."""
+    owns_group = not dist.is_initialized()  # a process group the caller started is the caller's to end
     ranks, device = init_distributed(cfg.device)
     run_log = RunLog(log, ranks.rank == 0)
     try:
@@ -1512,7 +1679,7 @@ def train(cfg: TrainConfig, log=print, evaluate_untrained=True) -> dict:
         run_log.error(e)
         raise
     finally:
-        if ranks.world > 1 and dist.is_initialized():
+        if owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -1530,8 +1697,9 @@ def _train(cfg, ranks, device, log, stopper, evaluate_before):
     examples, held_out = load_examples(cfg, tok, log)
     fingerprint = data_fingerprint(examples)  # the data is part of the recipe: a resume must train on the same
     resume_from = find_resume_checkpoint(out, log) if previous else None  # the newest intact checkpoint
-    model, optimizer, start_step = model_and_optimizer(cfg, tok, resume_from, fingerprint, device, log)
-    runner, ddp = wrap_for_training(model, cfg, ranks, device)
+    shards = ranks.world if cfg.parallel == "fsdp" and ranks.world > 1 else 0  # one process: nothing to shard
+    model, optimizer, start_step = model_and_optimizer(cfg, tok, resume_from, fingerprint, device, log, shards)
+    runner, wrapper = wrap_for_training(model, cfg, ranks, device)
     # Every rank draws its share of the same global batch; several ranks drop the last partial batch so that all
     # of them run the same number of micro-batches (each one's backward joins the gradient all-reduce).
     loader = Loader(examples, tok, cfg.mask_config(), cfg.global_batch, cfg.micro_batch, cfg.seed,
@@ -1545,11 +1713,11 @@ def _train(cfg, ranks, device, log, stopper, evaluate_before):
         dist.barrier()  # the other ranks write nothing; rank 0 has made --out the run's
     total = cfg.max_steps or len(loader) * cfg.epochs
     step_size = min(cfg.global_batch, len(examples))
-    log(f"{type(model).__name__} {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device} "
+    log(f"StableLM {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device} "
         f"({precision}), {ranks.world} rank(s); {len(loader)} steps per epoch, {total} steps of {step_size} "
         f"sequences, micro-batch {cfg.micro_batch}, mode {cfg.mode}; each log line: means over its steps")
     summary = {"out": str(out), "total_steps": total}
-    if held_out and evaluate_before and not previous and main:
+    if held_out and evaluate_before and not previous and (main or shards):
         summary["accuracy_untrained"] = untrained_accuracy(model, tok, held_out, device, precision, log)
     metrics_file = out / "metrics.jsonl"
     history = history_until(metrics_file, start_step) if main and previous else []
@@ -1567,12 +1735,12 @@ def _train(cfg, ranks, device, log, stopper, evaluate_before):
         while step < span.stop and not interrupted:
             epoch, in_epoch = divmod(step, len(loader))
             batches = loader.micro_batches(epoch, in_epoch)
-            loss, parts = accumulate_gradients(runner, batches, cfg.mode, cfg.kl_weight, device, autocast, ddp,
-                                               ranks.world)
+            loss, parts = accumulate_gradients(runner, batches, cfg.mode, cfg.kl_weight, device, autocast, wrapper,
+                                               ranks.world, cfg.reduce_every_micro_batch)
             lr = one_cycle_lr(step, total, cfg.lr, cfg.pct_start)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+            grad_norm = gradient_norm(model)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -1593,9 +1761,11 @@ def _train(cfg, ranks, device, log, stopper, evaluate_before):
                         f.write(json.dumps(m) + "\n")
                 totals = Totals.zeros(device)
             if save_step or interrupted or step == span.stop:
-                if main:
+                if shards:
+                    last_saved = save_sharded_checkpoint(out, step, model, optimizer, cfg, cfg.keep, fingerprint)
+                elif main:
                     last_saved = save_checkpoint(out, step, model, tok, optimizer, cfg, cfg.keep, fingerprint)
-                    log(f"saved {last_saved}")
+                log(f"saved {last_saved}")
                 if ranks.world > 1:
                     dist.barrier()
     except torch.OutOfMemoryError:
@@ -1615,8 +1785,8 @@ def _train(cfg, ranks, device, log, stopper, evaluate_before):
         log(f"interrupted at step {step}: --resume continues from {last_saved}")
     elif step < total:
         log(f"stopped at step {step} of {total} (--stop-at): --resume continues")
-    elif main:
-        finish(model, tok, out, history, held_out, device, precision, summary, log)
+    elif main or shards:
+        finish(model, tok, out, history, held_out, device, precision, summary, log, main)
     return summary
 
 # ----------------------------------------------------------------------------- compare: the card's table at small scale

@@ -9,15 +9,17 @@ in bf16 autocast over fp32 master weights, as remask.py trains).
   forward    inference forward passes of a (batch, seq) block: tokens/s and achieved TFLOP/s (MFU on known GPUs)
   step       the ReMask micro-step with gradients: both passes in one forward of a 2B batch + the chunked loss
              (remask.py's), against two separate forwards of the same model + the chunked loss, and against two
-             forwards + a direct fp32 loss (F.cross_entropy / log_softmax on .float() logits, the naive way),
-             and against transformers' StableLmForCausalLM doing the naive step with its own CE losses;
+             forwards + the loss by its definition on fp32 copies (remask_loss_reference, the naive way), and
+             against transformers' StableLmForCausalLM doing that naive step;
              with --compile (the default on CUDA) also the first one through torch.compile, as `train --compile`;
              sequence tokens/s, MFU, peak memory and the ratios, in the same run
   optimizer  the recipe's whole optimizer step: 256 sequences in micro-batches of 8 + Lilith with fp32 state over
              fp32 master weights: seconds and peak memory (does it fit an 80 GB card?)
   memory     the plan of that optimizer step's peak memory for micro-batches 16, 8, 4, with and without
              --grad-checkpointing: the static state plus what autograd saves for backward, measured by counting the
-             saved tensors of short forwards of one- and two-layer versions of the model (runs on a CPU for the 3B)
+             saved tensors of short forwards of one- and two-layer versions of the model (runs on a CPU for the 3B);
+             --ranks N...: also the per-rank plan of `train --parallel fsdp` (under torchrun the optimizer
+             benchmark itself runs sharded, for a measured per-rank peak)
   decode     batch-1 greedy generation with the KV cache, eager and (with --compile) with the compiled CUDA-graph
              decode step: tokens/s, the weight bytes read per second, and the speed-up over transformers' generate
   int8       tests/bench_quantize.py: LLM.int8 against bf16 for batch-1 decode matmuls
@@ -31,6 +33,7 @@ the very same parameter tensors as our model, so they cost no extra weight memor
 import argparse
 import functools
 import gc
+import os
 import sys
 import time
 from dataclasses import replace
@@ -39,13 +42,14 @@ from pathlib import Path
 from contextlib import nullcontext
 
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_quantize  # noqa: E402
 from model import CONFIGS, Config, StableLM, generate  # noqa: E402
-from remask import IGNORE_INDEX, Lilith, peak_flops, remask_loss_parts  # noqa: E402
+from remask import (IGNORE_INDEX, Lilith, init_distributed, peak_flops, remask_loss_parts,  # noqa: E402
+                    remask_loss_reference, sharded_skeleton)
 
 
 def reset_peak_memory(device):
@@ -170,20 +174,6 @@ def remask_batch(config, batch, seq, device, generator=None):
     return masked, ids, labels, target.expand(batch, seq)
 
 
-def direct_remask_loss(logits_masked, logits_full, labels, kl_mask, kl_weight=0.1, ce=None):
-    """The ReMask loss the straightforward way: fp32 copies of both logits, torch's own functions. ce: the
-    average of the two CE losses where the model already computed them (transformers' labels=...)."""
-    lp = logits_masked[:, :-1].float().log_softmax(-1).flatten(0, 1)  # (N, V)
-    lq = logits_full[:, :-1].float().log_softmax(-1).flatten(0, 1)  # (N, V)
-    if ce is None:
-        y = labels[:, 1:].flatten()  # (N,)
-        ce = 0.5 * (F.nll_loss(lp, y, ignore_index=IGNORE_INDEX) + F.nll_loss(lq, y, ignore_index=IGNORE_INDEX))
-    on = kl_mask[:, 1:].flatten()  # (N,)
-    kl = 0.5 * (F.kl_div(lq, lp, log_target=True, reduction="none") + F.kl_div(lp, lq, log_target=True,
-                                                                                reduction="none")).sum(-1)  # (N,)
-    return ce + kl_weight * (kl * on).sum() / on.sum()
-
-
 def training_autocast(device, args):
     return torch.autocast(device.type, dtype=torch.bfloat16) if args.train_precision == "bf16" else nullcontext()
 
@@ -206,16 +196,16 @@ def bench_step(model, args):
             logits_masked, logits_full = model(masked), model(ids)  # (B, T, V) each
         remask_loss_parts(logits_masked, logits_full, labels, 0.1, kl_mask=kl_mask).loss.backward()
 
-    def naive():  # two forwards and the direct fp32 loss
+    def naive():  # two forwards and the loss by its definition on fp32 copies
         with autocast:
             logits_masked, logits_full = model(masked), model(ids)  # (B, T, V) each
-        direct_remask_loss(logits_masked, logits_full, labels, kl_mask).backward()
+        remask_loss_reference(logits_masked.float(), logits_full.float(), labels, 0.1, kl_mask).loss.backward()
 
-    def hf_naive():  # the naive step in transformers: its own CE loss per forward, the direct fp32 KL
+    def hf_naive():  # the naive step in transformers
         with autocast:
-            masked_out, full_out = twin(masked, labels=labels), twin(ids, labels=labels)
-        ce = 0.5 * (masked_out.loss + full_out.loss)
-        direct_remask_loss(masked_out.logits, full_out.logits, labels, kl_mask, ce=ce).backward()
+            masked_out, full_out = twin(masked), twin(ids)
+        remask_loss_reference(masked_out.logits.float(), full_out.logits.float(), labels, 0.1,
+                              kl_mask).loss.backward()
 
     twin = transformers_twin(model)
     flops = 2 * args.micro_batch * args.seq * model.flops_per_token(args.seq)  # two passes with gradients
@@ -257,17 +247,20 @@ def bench_step(model, args):
 def bench_optimizer(model, args):
     """The recipe's optimizer step: --global-batch sequences in micro-steps of --optimizer-micro-batch, then Lilith
     (fp32 state over fp32 weights): its time and its peak memory, the figure that must fit the card."""
-    device = model.lm_head.weight.device
+    device = model.model.norm.weight.device
+    ranks = dist.get_world_size() if dist.is_initialized() else 1  # torchrun: built sharded (build_sharded)
     model.train()
     model.gradient_checkpointing = args.grad_checkpointing
     optimizer = Lilith(model.parameters(), lr=1e-5)
     autocast = training_autocast(device, args)
     micro_batch = args.optimizer_micro_batch
-    accum = max(1, args.global_batch // micro_batch)
+    accum = max(1, args.global_batch // (micro_batch * ranks))
     batches = [remask_batch(model.config, micro_batch, args.seq, device) for _ in range(min(accum, 2))]
 
     def step():
         for i in range(accum):
+            if ranks > 1:  # reduce-scatter after the last micro-batch only, as remask.accumulate_gradients
+                model.set_requires_gradient_sync(args.reduce_every_micro_batch or i == accum - 1)
             masked, ids, labels, kl_mask = batches[i % len(batches)]
             with autocast:
                 logits = model(torch.cat([masked, ids]))  # (2B, T, V)
@@ -278,7 +271,8 @@ def bench_optimizer(model, args):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    result = {"micro_batch": micro_batch, "accum": accum, "grad_checkpointing": args.grad_checkpointing}
+    result = {"ranks": ranks, "micro_batch": micro_batch, "accum": accum, "grad_checkpointing": args.grad_checkpointing,
+              "reduce_every_micro_batch": args.reduce_every_micro_batch}
     reset_peak_memory(device)
     try:
         sec = seconds_per_call(step, device, 1, 1)
@@ -331,7 +325,9 @@ def bench_memory(config, args):
     rest_fixed = s[1, n1] - per_layer_fixed - per_layer_token * n1 - rest_token * n1
     L, C, V = config.num_hidden_layers, config.hidden_size, config.vocab_size
     with torch.device("meta"):
-        n_params = sum(p.numel() for p in StableLM(config).parameters())
+        model = StableLM(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    block_params = sum(p.numel() for p in model.model.layers[0].parameters())
     static = n_params * 4 * 5  # fp32: weights, gradients, Lilith's m1, m2, v
     weight_copies = L * per_layer_fixed + rest_fixed
     logits_bytes = 2 if args.train_precision == "bf16" else 4
@@ -346,6 +342,24 @@ def bench_memory(config, args):
         ckpt = (static + rest_fixed + per_layer_fixed + tokens * (L * 4 * C + per_layer_token + rest_token)
                 + logits)
         result[f"micro-batch {micro_batch}"] = f"{plain / 1e9:.1f} GB, with --grad-checkpointing {ckpt / 1e9:.1f} GB"
+        for ranks in args.ranks:
+            # --parallel fsdp: the fp32 state in slices; until the last micro-batch of a step each rank accumulates
+            # the whole fp32 gradient (no reduce-scatter per micro-batch); the root (embeddings, head) stays
+            # gathered through the step, the running block and the prefetched next one besides (bf16 under bf16)
+            # and the running block's gradient; no autocast weight copies (the gathered weights are bf16 already).
+            # --reduce-every-micro-batch: no whole gradient, but the root's, held through the backward (its unit
+            # ends with the embeddings), and the fp32 buffer its reduce-scatter copies it into
+            accumulating = args.global_batch > micro_batch * ranks
+            root_params = n_params - L * block_params
+            gathered = (root_params + 2 * block_params) * logits_bytes + 4 * block_params
+            plans = []
+            for gradient in (4 * n_params if accumulating else 2 * 4 * root_params, 2 * 4 * root_params):
+                shared = static / ranks + gradient + gathered + logits
+                plain = shared + tokens * (L * per_layer_token + rest_token)
+                ckpt = shared + tokens * (L * 4 * C + per_layer_token + rest_token)
+                plans.append(f"{plain / 1e9:.1f} GB, with --grad-checkpointing {ckpt / 1e9:.1f} GB")
+            result[f"micro-batch {micro_batch}, fsdp {ranks} ranks"] = plans[0]
+            result[f"micro-batch {micro_batch}, fsdp {ranks} ranks, --reduce-every-micro-batch"] = plans[1]
     return result
 
 
@@ -357,9 +371,30 @@ PLANS = {"memory"}  # benchmarks that take the config, not a built model: they b
 # ----------------------------------------------------------------------------- command line
 
 
+def scaled(config, layers=None, hidden=None):
+    """config with `layers` blocks and width `hidden`: the MLP and the heads' count scale with the width."""
+    changes = {"num_hidden_layers": layers} if layers else {}
+    if hidden:
+        ratio = hidden / config.hidden_size
+        changes.update(hidden_size=hidden, intermediate_size=round(config.intermediate_size * ratio / 64) * 64,
+                       num_attention_heads=round(config.num_attention_heads * ratio),
+                       num_key_value_heads=round(config.num_key_value_heads * ratio))
+    return replace(config, **changes)
+
+
 def build(config, device, dtype):
     with torch.device(device):  # initialised in place on the device: no host copy of a 3B model
         return StableLM(config).to(dtype).eval()
+
+
+@torch.no_grad()
+def build_sharded(config, device, precision):
+    """Under torchrun: the model as `train --parallel fsdp` shards it, each rank allocating only its slices (as a
+    resumed sharded run does), filled with small random values (the timing and memory do not depend on them)."""
+    model = sharded_skeleton(config, device, precision)
+    for p in model.parameters():
+        p.to_local().normal_(0, 0.02)
+    return model
 
 
 def main(argv=None):
@@ -380,6 +415,13 @@ def main(argv=None):
                    help="optimizer: sequences per micro-step (8: what fits an 80 GB card, see the memory plan)")
     p.add_argument("--global-batch", type=int, default=256, help="optimizer: sequences per optimizer step")
     p.add_argument("--grad-checkpointing", action="store_true", help="optimizer: recompute blocks in backward")
+    p.add_argument("--reduce-every-micro-batch", action="store_true",
+                   help="optimizer under torchrun: reduce-scatter after every micro-batch, as train's flag")
+    p.add_argument("--ranks", type=int, nargs="*", default=[],
+                   help="memory: also the per-rank plan of `train --parallel fsdp` on each of these numbers of ranks "
+                        "(the optimizer step itself runs sharded when launched by torchrun)")
+    p.add_argument("--layers", type=int, help="a version of the configs with this many blocks (to measure on a CPU)")
+    p.add_argument("--hidden", type=int, help="... and this width (the MLP scaled alike; heads of the same size)")
     p.add_argument("--warmup", type=int, default=2, help="forward, step: untimed calls first")
     p.add_argument("--iters", type=int, default=5, help="forward, step: timed calls")
     p.add_argument("--new-tokens", type=int, default=64, help="decode: tokens generated per call")
@@ -390,17 +432,22 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     args.train_precision = args.train_precision or ("bf16" if device.type == "cuda" else "fp32")
     args.compile = device.type == "cuda" if args.compile is None else args.compile
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun: each rank on its own GPU (a CPU process group on CPUs)
+        device = init_distributed("auto" if device.type == "cuda" else "cpu")[1]
     names = args.configs or (["debug", "stablelm-3b-4e1t"] if device.type == "cuda" else ["debug"])
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"device {where}  inference dtype {str(dtype)[6:]}  training {args.train_precision} over fp32 weights  "
           f"torch {torch.__version__}")
     for name in names:
         for bench in [b for b in args.bench if b in BENCHMARKS]:
-            config = Config.named(name)
+            config = scaled(Config.named(name), args.layers, args.hidden)
             if bench in PLANS:
                 result = BENCHMARKS[bench](config, args)
             else:
-                model = build(config, device, torch.float32 if bench in TRAINING else dtype)
+                if bench == "optimizer" and dist.is_initialized():
+                    model = build_sharded(config, device, args.train_precision)
+                else:
+                    model = build(config, device, torch.float32 if bench in TRAINING else dtype)
                 result = BENCHMARKS[bench](model, args)
                 del model
             print(f"{bench:9s} {name:18s} " + "  ".join(f"{k}: {v}" for k, v in result.items()), flush=True)

@@ -1,0 +1,122 @@
+"""Sharded training (--parallel fsdp, FSDP2) on the CPU with gloo: 2 ranks give the weights of 1 process in every
+mode (so Lilith's trust ratio uses norms of whole tensors, not of the rank's slice), a sharded stop/resume is
+bit-identical to an uninterrupted sharded run, and a damaged or differently sharded checkpoint is refused. One
+torchrun launch (this file as a script) runs every 2-rank training, 4 steps of the tiny model each."""
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import remask  # noqa: E402
+from remask import TrainError  # noqa: E402
+from test_train import metrics, tiny, weights  # noqa: E402
+
+# remask accumulates 2 micro-batches per rank and step (the reduce-scatter waits for the second) and saves at step 2;
+# masked-thought also recomputes blocks (--grad-checkpointing: their weights are all-gathered again in backward);
+# sft reduce-scatters after each of its 2 micro-batches (--reduce-every-micro-batch).
+RUNS = {"remask": dict(micro_batch=4, save_every=2), "masked-thought": dict(grad_checkpointing=True),
+        "sft": dict(micro_batch=4, reduce_every_micro_batch=True)}
+
+
+def sharded(out, name, mode=None, **overrides):
+    """4 optimizer steps of 16 sequences, 8 per rank on 2 ranks."""
+    return tiny(out, name, **{"mode": mode or name, "epochs": 2, "micro_batch": 8, "parallel": "fsdp", **overrides})
+
+
+def from_step_2(out, name, copy=True):
+    """A copy of the remask run as a run stopped after step 2: its checkpoint of step 2, nothing after it."""
+    if copy:
+        shutil.copytree(out / "remask", out / name)
+        shutil.rmtree(out / name / "model")
+        shutil.rmtree(out / name / "checkpoints" / "step-000004")
+    return replace(sharded(out, name, "remask", **RUNS["remask"]), resume=True)
+
+
+def worker(out):
+    """Under torchrun: the 2-rank runs, one after another in the same processes and one process group (train()
+    leaves a group it did not start alone; a group started again on torchrun's store can meet stale keys)."""
+    dist.init_process_group("gloo")
+    for name, overrides in RUNS.items():
+        remask.train(sharded(out, name, **overrides), log=print)
+    resumed = from_step_2(out, "resumed", copy=dist.get_rank() == 0)
+    dist.barrier()  # the copy is there before either rank resumes
+    remask.train(resumed, log=print)
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          __file__, str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert run.stdout.count("2 rank(s)") == len(RUNS) + 1
+    return out
+
+
+@pytest.mark.parametrize("name", RUNS)
+def test_two_sharded_ranks_match_one_process(two_ranks, tmp_path, name):
+    """Weights equal to fp32 rounding (rtol 1e-4, atol 2e-6, as DDP's test): the order of float sums differs.
+    A trust ratio of slices would be off by ~1/sqrt(2) per tensor and move the weights far beyond that."""
+    single = tiny(tmp_path, "single", mode=name, epochs=2, micro_batch=16)
+    remask.train(single, log=lambda m: None)
+    out = two_ranks / name
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]  # logged once, by rank 0
+    for m, ref in zip(metrics(out), metrics(single.out)):
+        assert m["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+        assert m["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4)  # of the whole gradient, not a slice
+    for key, w in weights(single.out).items():
+        torch.testing.assert_close(weights(out)[key], w, rtol=1e-4, atol=2e-6)
+
+
+def test_sharded_checkpoints_hold_every_rank_slice_and_checksums(two_ranks):
+    checkpoint = remask.checkpoints(two_ranks / "remask")[-1]
+    assert checkpoint.name == "step-000004"
+    files = sorted(p.relative_to(checkpoint).as_posix() for p in checkpoint.rglob("*") if p.is_file())
+    assert files == ["checksums.json", "shards/.metadata", "shards/__0_0.distcp", "shards/__1_0.distcp", "trainer.pt"]
+    assert remask.verify_checkpoint(checkpoint) == []
+    state = torch.load(checkpoint / "trainer.pt", weights_only=False)
+    assert state["world"] == 2 and state["step"] == 4
+
+
+def test_sharded_resume_is_bit_exact(two_ranks):
+    """Resumed by 2 ranks from the step-2 checkpoint: the weights and losses of the run that went on."""
+    resumed, straight = two_ranks / "resumed", two_ranks / "remask"
+    assert [p.name for p in remask.checkpoints(resumed)] == ["step-000002", "step-000004"]
+    for key, w in weights(straight).items():
+        assert torch.equal(weights(resumed)[key], w), key
+    assert [m["loss"] for m in metrics(resumed)] == [m["loss"] for m in metrics(straight)]
+
+
+def test_a_sharded_checkpoint_is_refused_by_one_process(two_ranks):
+    """Another number of ranks would give each rank other examples: a clear refusal, before anything loads."""
+    cfg = from_step_2(two_ranks, "one-rank")
+    with pytest.raises(TrainError, match=r"step-000002 was saved sharded over 2 ranks; this run has no shards"):
+        remask.train(cfg, log=lambda m: None)
+
+
+def test_a_damaged_sharded_checkpoint_is_refused(two_ranks, tmp_path):
+    """One flipped bit in one rank's file: the checksums name it before anything is loaded."""
+    checkpoint = remask.checkpoints(two_ranks / "remask")[0]
+    target = tmp_path / "remask" / "checkpoints" / checkpoint.name
+    shutil.copytree(checkpoint, target)
+    shard = target / "shards" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(TrainError, match=r"step-000002: shards/__1_0.distcp: not the bytes that were written"):
+        remask.train(replace(sharded(tmp_path, "remask", **RUNS["remask"]), resume=True), log=lambda m: None)
+    assert shard.exists()  # nothing of the user's is deleted
+
+
+if __name__ == "__main__":
+    worker(Path(sys.argv[1]))
