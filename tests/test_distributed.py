@@ -1,7 +1,8 @@
-"""Sharded training (--parallel fsdp, FSDP2) on the CPU with gloo: 2 ranks give the weights of 1 process in every
-mode (so Lilith's trust ratio uses norms of whole tensors, not of the rank's slice), a sharded stop/resume is
-bit-identical to an uninterrupted sharded run, and a damaged or differently sharded checkpoint is refused. One
-torchrun launch (this file as a script) runs every 2-rank training, 4 steps of the tiny model each."""
+"""Training on several ranks, on the CPU with gloo. Data parallelism (DDP, `torchrun remask.py train`): 2 ranks
+end with the weights of 1 process. Sharded training (--parallel fsdp, FSDP2): 2 ranks give the weights of 1
+process in every mode (so Lilith's trust ratio uses norms of whole tensors, not of the rank's slice), a sharded
+stop/resume is bit-identical to an uninterrupted sharded run, and a damaged or differently sharded checkpoint is
+refused. One torchrun launch (this file as a script) runs every 2-rank training, 4 steps of the tiny model each."""
 import os
 import shutil
 import subprocess
@@ -40,10 +41,18 @@ def from_step_2(out, name, copy=True):
     return replace(sharded(out, name, "remask", **RUNS["remask"]), resume=True)
 
 
+def ddp_flags(out):
+    """The command line of the DDP run: 8 sequences per rank of the single process's 16 (micro-batch 16)."""
+    single = tiny(out, "single", epochs=2)
+    return [f"--{remask._flag(k)}={v}" for k, v in vars(single).items() if k not in ("out", "micro_batch")
+            and not isinstance(v, bool) and v != ""] + [f"--out={out / 'ddp'}", "--micro-batch=8", "--group-by-length"]
+
+
 def worker(out):
     """Under torchrun: the 2-rank runs, one after another in the same processes and one process group (train()
     leaves a group it did not start alone; a group started again on torchrun's store can meet stale keys)."""
     dist.init_process_group("gloo")
+    assert remask.main(["train", *ddp_flags(out)]) == 0  # the command line under torchrun
     for name, overrides in RUNS.items():
         remask.train(sharded(out, name, **overrides), log=print)
     resumed = from_step_2(out, "resumed", copy=dist.get_rank() == 0)
@@ -54,13 +63,26 @@ def worker(out):
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fsdp")
+    out = tmp_path_factory.mktemp("ranks")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           __file__, str(out)], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-    assert run.stdout.count("2 rank(s)") == len(RUNS) + 1
+    assert run.stdout.count("2 rank(s)") == len(RUNS) + 2
     return out
+
+
+def test_two_ddp_processes_match_one(two_ranks, tmp_path):
+    """Each rank draws half of every global batch; the weights end as those of one process doing the whole batch."""
+    single = tiny(tmp_path, "single", micro_batch=16, epochs=2)
+    remask.train(single, log=lambda m: None)
+    out = two_ranks / "ddp"
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]  # logged once, by rank 0
+    for m, ref in zip(metrics(out), metrics(single.out)):
+        assert m["loss"] == pytest.approx(ref["loss"], rel=1e-5)  # the global loss, summed over ranks
+        assert m["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4)  # Lilith would hide a scale error
+    for name, w in weights(single.out).items():
+        torch.testing.assert_close(weights(out)[name], w, rtol=1e-4, atol=2e-6)
 
 
 @pytest.mark.parametrize("name", RUNS)
