@@ -2267,10 +2267,10 @@ def evaluate_arc(loglikelihood, questions, train, limit=None, k=ARC_FEWSHOT, see
 # ----------------------------------------------------------------------------- command line
 
 
-def add_config_flags(parser, preset: dict):
-    """One --flag per TrainConfig field, its help from the field; the help shows the recipe's default and, where
-    the preset changes it, the preset's value: "(default 1e-05; demo: 0.001)"."""
-    for f in fields(TrainConfig):
+def add_config_flags(parser, preset: dict, leave_out=()):
+    """One --flag per TrainConfig field (but those in leave_out), its help from the field; the help shows the
+    recipe's default and, where the preset changes it, the preset's value: "(default 1e-05; demo: 0.001)"."""
+    for f in (f for f in fields(TrainConfig) if f.name not in leave_out):
         extra = {k: v for k, v in f.metadata.items() if k != "help"}
         default = f"default {f.default!r}" + (f"; {preset['name']}: {preset[f.name]!r}" if f.name in preset else "")
         kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
@@ -2457,11 +2457,12 @@ def build_parser():
     compare_p.add_argument("--eval-points", type=int, default=3, help="evaluations per run, evenly spaced, the last "
                                                                       "at the end (default 3)")
     compare_p.add_argument("--jobs", type=int, default=0,
-                           help="seeds trained at once, each in its own process (default 0: the CPU's cores / "
+                           help="runs trained at once, each in its own process (default 0: the CPU's cores / "
                                 "--threads on a CPU, 1 on a GPU); the table does not depend on it")
     compare_p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES[::-1]),
                            help="modes to compare (default: all three)")
-    add_config_flags(compare_p, {"name": "compare", **COMPARE})
+    # compare sets these itself for every run (its modes: --modes)
+    add_config_flags(compare_p, {"name": "compare", **COMPARE}, leave_out=("mode", "stop_at", "resume", "overwrite"))
     compare_p.set_defaults(run=cmd_compare)
     gen = sub.add_parser("generate", help="answer one prompt with a trained model (streamed)",
                          description="Wrap --prompt in the chat template (or --cot: the CoT template) and stream the "
