@@ -1395,6 +1395,9 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(signal.Signals(signum).name)
         self.exit_code = 128 + signum
 
+    def __reduce__(self):  # as it was made (a compare worker's interruption reaches the parent pickled)
+        return Interrupted, (self.exit_code - 128,)
+
 
 class _StopOnSignal:
     """Ctrl-C (SIGINT) or SIGTERM (what SLURM, Kubernetes and `timeout` send) during the loop: finish the step, save,

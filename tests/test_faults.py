@@ -5,6 +5,7 @@ SIGTERM, like Ctrl-C, finishes the step, saves and exits (143), and --resume the
 uninterrupted run ends."""
 import hashlib
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -174,6 +175,13 @@ def test_a_second_signal_quits_at_once():
             os.kill(os.getpid(), signal.SIGTERM)
     assert quit_.value.exit_code == 143
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interruption_crosses_processes_intact(signum):
+    """A compare worker's interruption reaches its parent pickled: the same signal name and exit code."""
+    again = pickle.loads(pickle.dumps(remask.Interrupted(signum)))
+    assert type(again) is remask.Interrupted and again.exit_code == 128 + signum and str(again) == signum.name
 
 
 def test_sigterm_saves_and_resume_is_bit_exact(tmp_path):
