@@ -65,13 +65,7 @@ from typing import NamedTuple, Optional, Union
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from data import (ARC_FEWSHOT, ARC_SEED, GSM8K_MAX_NEW_TOKENS, GSM8K_STOP, IGNORE_INDEX, MODES, PAD_ID, CoTRecord,
@@ -460,11 +454,18 @@ def _count(name, value, measured, device, dtype):
 # at its final commit 8da52ce. tests/fixtures/lilith holds trajectories made by that code.
 
 
+def is_dtensor(tensor) -> bool:
+    """Whether tensor is a DTensor, a parameter sharded by FSDP2. Only a sharded run imports
+    torch.distributed.tensor (about a second of start-up that no other command should pay): before, there is none."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
+
+
 def whole_norm(tensor, dtype):
-    """The 2-norm of the whole tensor: of a DTensor (a parameter sharded by FSDP2) over all its shards, not this
-    rank's (DTensor's norm is a partial result; full_tensor() all-reduces it)."""
+    """The 2-norm of the whole tensor: of a DTensor over all its shards, not this rank's (a DTensor's norm is a
+    partial result; full_tensor() all-reduces it)."""
     norm = torch.linalg.vector_norm(tensor, dtype=dtype)
-    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+    return norm.full_tensor() if is_dtensor(norm) else norm
 
 
 def _state_dtype(param):
@@ -923,9 +924,9 @@ def accumulate_gradients(runner, batches, mode, kl_weight, device, autocast, wra
     for i, batch in enumerate(batches):
         # all-reduce (reduce-scatter) gradients once, after the last; until then each rank accumulates them whole
         sync = wrapper is None or reduce_every_micro_batch or i == len(batches) - 1
-        if isinstance(wrapper, FSDPModule):
+        if is_sharded(wrapper):
             wrapper.set_requires_gradient_sync(sync)
-        with nullcontext() if sync or isinstance(wrapper, FSDPModule) else wrapper.no_sync():
+        with nullcontext() if sync or is_sharded(wrapper) else wrapper.no_sync():
             loss, parts = micro_step_loss(runner, batch, mode, kl_weight, counts, device, autocast)
             (loss * world if world > 1 else loss).backward()  # DDP/FSDP average over ranks; losses are global already
         loss_sum += loss.detach()
@@ -1132,11 +1133,21 @@ def restore_rng(rng):
 # its state as slices of the same shape (whole_norm gives it the norms of whole tensors), so weights, gradients and
 # state take 1/N of the memory per rank. A sharded checkpoint: step-000120/{shards/ (torch.distributed.checkpoint:
 # a .distcp file per rank + .metadata), trainer.pt, checksums.json}, placed as a whole one is (write_directory).
+# FSDP2 and torch.distributed.checkpoint are imported where a sharded run first needs them: their import takes about
+# a second, which every other command would pay at start-up.
+
+
+def is_sharded(module) -> bool:
+    """Whether fully_shard has made module an FSDP2 module (never before a sharded run imported FSDP2)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(module, fsdp.FSDPModule)
 
 
 def shard_model(model, device, precision):
     """Shard model in place over all ranks. bf16: weights all-gathered and used in bf16, gradients reduced in fp32
     into fp32 slices (FSDP2's mixed precision, the same recipe as autocast over fp32 master weights)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if precision == "bf16" else None,
                                   reduce_dtype=torch.float32)
@@ -1157,8 +1168,9 @@ def save_sharded_checkpoint(out, step, model, optimizer, cfg, keep, data) -> Pat
     """Checkpoint `step` of a sharded run; a collective. Rank 0 places it through write_directory, as a whole one;
     inside its fill every rank writes its slices into rank 0's temporary directory (several nodes: a shared file
     system), then rank 0 adds trainer.pt and checksums.json (dcp.save returns once every rank's file is written)."""
+    import torch.distributed.checkpoint as dcp
     final = Path(out) / "checkpoints" / f"step-{step:06d}"
-    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    state = sharded_state(model, optimizer)
     if dist.get_rank() != 0:
         where = [None]
         dist.broadcast_object_list(where)
@@ -1187,9 +1199,17 @@ def save_sharded_checkpoint(out, step, model, optimizer, cfg, keep, data) -> Pat
     return final
 
 
+def sharded_state(model, optimizer) -> dict:
+    """What a sharded checkpoint holds: this rank's slices of the weights and of Lilith's state."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    return {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+
+
 def load_sharded(path, model, optimizer):
     """Fill the sharded model and Lilith from a verified sharded checkpoint; a collective."""
-    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    state = sharded_state(model, optimizer)
     dcp.load(state, checkpoint_id=Path(path) / "shards")
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
@@ -1198,6 +1218,7 @@ def load_sharded(path, model, optimizer):
 def save_full_model(model, tok, path):
     """Gather the sharded weights (a collective) and write them once, from rank 0, as a Hugging Face directory in
     the source's dtype. Rank 0 holds the whole model in host memory for it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() != 0:
         return
@@ -1213,7 +1234,7 @@ def save_full_model(model, tok, path):
 def gathered_root(model):
     """generate() calls the embeddings and the head directly, not through the model's forward, whose hook would
     all-gather them: gather them here (blocks gather themselves). Every rank must run the same calls in step."""
-    if not isinstance(model, FSDPModule):
+    if not is_sharded(model):
         yield
         return
     with torch.no_grad():  # FSDP2 sets itself up in the root's first forward: one token, before any block's
@@ -1516,13 +1537,13 @@ def read_back(totals, model, stop_requested, world) -> dict:
 
 def local(tensor):
     """This rank's slice of a sharded (DTensor) parameter, or the tensor itself."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    return tensor.to_local() if is_dtensor(tensor) else tensor
 
 
 def gradient_norm(model) -> torch.Tensor:
     """The 2-norm of the whole gradient (sharded: over every rank's slices, the same on every rank)."""
     norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+    return norm.full_tensor() if is_dtensor(norm) else norm
 
 
 def check_finite(seen, steps, step, last_saved):
@@ -1618,7 +1639,7 @@ def wrap_for_training(model, cfg, ranks, device) -> tuple:
     """(runner, wrapper): what the step calls (DDP over ranks, then torch.compile) and the DDP or FSDP2 module
     whose gradient sync accumulate_gradients defers, or None."""
     model.gradient_checkpointing = cfg.grad_checkpointing
-    if isinstance(model, FSDPModule):
+    if is_sharded(model):
         wrapper = runner = model  # sharded by model_and_optimizer: an FSDP2 model is its own wrapper
     elif ranks.world == 1:
         wrapper, runner = None, model
@@ -1653,7 +1674,7 @@ def finish(model, tok, out, history, held_out, device, precision, summary, log, 
     if main and history:
         loss_curve = Series("loss", [m["step"] for m in history], [m["loss"] for m in history])
         atomic_write(out / "loss.svg", svg_chart([loss_curve], "training loss", "optimizer step"))
-    if isinstance(model, FSDPModule):
+    if is_sharded(model):
         save_full_model(model, tok, final)  # gathered, written once by rank 0
     else:
         model.to(getattr(torch, model.config.torch_dtype))  # the source's dtype (bf16 for StableLM-3B)
