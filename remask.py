@@ -915,8 +915,8 @@ def accumulate_gradients(runner, batches, mode, kl_weight, device, autocast, wra
                          reduce_every_micro_batch=False) -> tuple:
     """Forward and backward every micro-batch of one optimizer step into .grad: (the step's loss, (3,) its parts),
     on the device; wrapper: the DDP or FSDP2 module whose gradient sync waits for the last micro-batch (unless
-    reduce_every_micro_batch). Nothing is read back from the device (tests/test_train.py runs this on the meta device, where any read fails): the
-    host runs ahead and the GPU never waits for it."""
+    reduce_every_micro_batch). Nothing is read back from the device (tests/test_train.py runs this on the meta
+    device, where any read fails): the host runs ahead and the GPU never waits for it."""
     counts = step_counts(batches, device)
     if world > 1:
         dist.all_reduce(counts)  # the global step's counts: every rank normalises alike
