@@ -112,7 +112,7 @@ def test_continuation_logprobs_equal_a_direct_computation():
 
 
 def test_tiny_compare_through_the_cli_recomputes(tmp_path, capsys):
-    flags = ["--n-train", "32", "--global-batch", "16", "--micro-batch", "16", "--seq-len", "64", "--epochs", "2",
+    flags = ["--n-train", "16", "--global-batch", "16", "--micro-batch", "16", "--seq-len", "64", "--epochs", "2",
              "--lr", "3e-3", "--log-every", "10", "--n-eval", "4", "--threads", "1", "--device", "cpu"]
     assert remask.main(["compare", "--seeds", "2", "--eval-points", "2", "--out", str(tmp_path / "a")] + flags) == 0
     out = tmp_path / "a"
@@ -122,7 +122,7 @@ def test_tiny_compare_through_the_cli_recomputes(tmp_path, capsys):
     assert [(r["mode"], r["seed"]) for r in runs] == [(m, s) for s in (0, 1) for m in ("sft", "masked-thought",
                                                                                         "remask")]
     for run in runs:
-        assert [p["step"] for p in run["curve"]] == [2, 4] and run["n_eval"] == 4
+        assert [p["step"] for p in run["curve"]] == [1, 2] and run["n_eval"] == 4
         assert run["accuracy"] == run["curve"][-1]["accuracy"] and math.isfinite(run["eval_loss"])
     for name in ("remask - sft", "masked-thought - sft"):  # the intervals, recomputed from the per-run values
         for key in ("accuracy", "mc_accuracy", "eval_loss"):
