@@ -724,7 +724,7 @@ def _flag(name):
 # The embedded demo's preset, applied when neither --model nor --data is given (flags given explicitly win).
 # Measured on a 2-core CPU (README): a 4-layer 128-wide StableLM (0.92M parameters) trained with ReMask on 2-digit
 # additions whose rationales spell out every column and carry, 700 steps of 32 examples, reaches ~100% held-out
-# exact match from 0% in about 3 minutes. A fresh tiny model needs a far larger learning rate than the card's
+# exact match from 0% in 3 to 7 minutes. A fresh tiny model needs a far larger learning rate than the card's
 # 1e-5 for a pretrained 3B one; with Lilith 1e-3 learned faster than 3e-3 (2 digits, 500 steps: 38% vs 2%).
 DEMO = dict(out="runs/demo", seq_len=128, micro_batch=32, global_batch=32, epochs=1, n_train=22400, lr=1e-3,
             digits=2, n_eval=200, log_every=50, save_every=250)
