@@ -1089,6 +1089,10 @@ def load_checkpoint(path, cfg: TrainConfig, device, data, shards=0) -> tuple:
     path = Path(path)
     try:
         state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+        if state.get("world", 0) == shards:  # otherwise refused below, before any weights load
+            model = (sharded_skeleton(Config.from_dict(state["model_config"]), device,
+                                      resolve_precision(cfg.precision, device)) if shards
+                     else StableLM.from_pretrained(path / "model", dtype=torch.float32))
     except Exception as e:  # its files are as written, yet do not load: not a checkpoint this code wrote
         raise TrainError(f"--resume: {path} does not load: {type(e).__name__}: {str(e).strip().splitlines()[0]}"
                          ) from None
@@ -1096,15 +1100,6 @@ def load_checkpoint(path, cfg: TrainConfig, device, data, shards=0) -> tuple:
         saved = f"sharded over {state['world']} ranks" if "world" in state else "whole (not sharded)"
         raise TrainError(f"--resume: {path} was saved {saved}; this run has {shards or 'no'} shards: resume with "
                          f"the number of ranks and the --parallel it was saved with")
-    try:
-        if shards:
-            precision = resolve_precision(cfg.precision, device)
-            model = sharded_skeleton(Config.from_dict(state["model_config"]), device, precision)
-        else:
-            model = StableLM.from_pretrained(path / "model", dtype=torch.float32)
-    except Exception as e:  # its files are as written, yet do not load: not a checkpoint this code wrote
-        raise TrainError(f"--resume: {path} does not load: {type(e).__name__}: {str(e).strip().splitlines()[0]}"
-                         ) from None
     saved = state["config"]
     for name, value in asdict(cfg).items():
         if name not in RUNTIME_FIELDS and saved.get(name) != value:
@@ -1267,9 +1262,11 @@ def svg_chart(series, title, x_label, y_label="", y_range=None, width=640, heigh
     y0, y1 = y_range or (min(ys), max(ys))
     span_x, span_y = max(x1 - x0, 1e-12), max(y1 - y0, 1e-12)
 
-    def point(x, y):
-        left, up = (x - x0) / span_x * (width - 2 * pad), (y - y0) / span_y * (height - 2 * pad)
-        return f"{pad + left:.1f},{height - pad - up:.1f}"
+    def position(x, y) -> tuple:  # data coordinates -> SVG pixels (y grows downwards)
+        return (pad + (x - x0) / span_x * (width - 2 * pad), height - pad - (y - y0) / span_y * (height - 2 * pad))
+
+    def point(x, y) -> str:
+        return "{:.1f},{:.1f}".format(*position(x, y))
 
     shapes = []
     for k, s in enumerate(series):
@@ -1281,8 +1278,8 @@ def svg_chart(series, title, x_label, y_label="", y_range=None, width=640, heigh
         shapes.append(f'<polyline points="{" ".join(point(x, v) for x, v in zip(s.x, s.y))}" stroke="{color}" '
                       f'stroke-width="1.5" fill="none"><title>{escape(s.name)}</title></polyline>')
         if len(s.x) <= 20:  # a few measured points (evaluations): mark them, the lines between are not data
-            shapes += [f'<circle cx="{c.split(",")[0]}" cy="{c.split(",")[1]}" r="3" fill="{color}"/>'
-                       for c in (point(x, v) for x, v in zip(s.x, s.y))]
+            shapes += [f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="3" fill="{color}"/>'
+                       for cx, cy in (position(x, v) for x, v in zip(s.x, s.y))]
         if len(series) > 1:
             y = pad + 16 * k
             shapes.append(f'<line x1="{width - pad - 130}" y1="{y - 4}" x2="{width - pad - 110}" y2="{y - 4}" '
@@ -1291,7 +1288,7 @@ def svg_chart(series, title, x_label, y_label="", y_range=None, width=640, heigh
     bottom = height - pad + 16
     x_ticks = sorted(set(xs)) if len(set(xs)) <= 10 else [x0, x1]  # every x of a few evaluations, else the ends
     text = [(pad - 4, pad + 4, "end", f"{y1:.4g}"), (pad - 4, height - pad + 4, "end", f"{y0:.4g}"),
-            *[(point(x, y0).split(",")[0], bottom, "middle", f"{x:.4g}") for x in x_ticks],
+            *[(f"{position(x, y0)[0]:.1f}", bottom, "middle", f"{x:.4g}") for x in x_ticks],
             (width / 2, height - 12, "middle", x_label), (width / 2, 20, "middle", title)]
     y_title = (f'<text x="14" y="{height / 2}" text-anchor="middle" transform="rotate(-90 14 {height / 2})">'
                f'{escape(y_label)}</text>\n' if y_label else "")
@@ -2013,8 +2010,8 @@ def compare(base: TrainConfig, seeds, modes=MODES[::-1], eval_points=3, jobs=1, 
                          f"seeds, --eval-points {eval_points}, --jobs {jobs})")
     device = init_distributed(base.device)[1]
     started = time.perf_counter()
-    tasks = [(seed, mode) for seed in seeds for mode in modes]  # seed-major: an interrupted comparison still
-    if jobs == 1 or len(tasks) == 1:                            # holds every mode of the seeds it finished
+    tasks = [(seed, mode) for seed in seeds for mode in modes]  # seed-major, as the tables list the runs
+    if jobs == 1 or len(tasks) == 1:
         runs = [compare_run(base, seed, mode, eval_points, log) for seed, mode in tasks]
     else:
         runs = compare_in_processes(base, tasks, eval_points, min(jobs, len(tasks)))
