@@ -16,7 +16,7 @@ help:
 	@echo "make quantize MODEL=DIR OUT=DIR  LLM.int8 8-bit copy of a checkpoint"
 	@echo "make eval MODEL=DIR [DATA=data]  the card's table: GSM8K 5-shot strict-match, ARC-Challenge 25-shot acc_norm"
 	@echo "make compare [ARGS='--seeds N']  SFT vs Masked Thought vs ReMask on the embedded task: 6 epochs over 1408"
-	@echo "                               examples, 5 seeds, paired 95% intervals, curves.svg (27 min on 2 cores)"
+	@echo "                               examples, 5 seeds, paired 95% intervals, curves.svg (26 min on 2 cores)"
 
 .venv/installed: requirements.txt
 	python3 -m venv .venv

@@ -1817,9 +1817,10 @@ MODE_NAMES = {"sft": "SFT", "masked-thought": "Masked Thought", "remask": "ReMas
 # epochs, the same data order, masks, weights and schedule for every mode of a seed; 500 held-out problems, so an
 # accuracy's binomial standard error stays <= 2.2 points. The size comes from the budget alone: the first choice,
 # 2048 examples (384 steps), took 35m49s on a 2-core CPU against the 30 minutes the default must fit; its timings
-# (per seed, 131 s of evaluation and start-up plus 1.79 s per optimizer step over the three modes) give 44 batches
-# of 32 (1408 examples, 264 steps) as the largest set that fits 27 minutes, 10% under the budget. The one-epoch
-# contrast sees as many examples, all fresh: --epochs 1 --n-train 8448 (the same 264 steps).
+# (per seed, 135 s of evaluation and start-up plus 1.84 s per optimizer step over the three modes, two runs at a
+# time, 42 s for the pool) give 44 batches of 32 (1408 examples, 264 steps) as the largest set that fits 27 minutes,
+# 10% under the budget. The one-epoch contrast sees as many examples, all fresh: --epochs 1 --n-train 8448 (the
+# same 264 steps).
 # One thread: the float sums, and so the table, are the same on any machine (a 0.9M model gains little from two).
 COMPARE = dict(DEMO, out="runs/compare", n_train=1408, epochs=6, n_eval=500, log_every=64, save_every=0, threads=1)
 CHOICES = 4  # multiple choice as ARC: the right worked solution and 3 distractors
