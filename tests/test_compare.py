@@ -114,7 +114,9 @@ def test_continuation_logprobs_equal_a_direct_computation():
 def test_tiny_compare_through_the_cli_recomputes(tmp_path, capsys):
     flags = ["--n-train", "16", "--global-batch", "16", "--micro-batch", "16", "--seq-len", "64", "--epochs", "2",
              "--lr", "3e-3", "--log-every", "10", "--n-eval", "4", "--threads", "1", "--device", "cpu"]
-    assert remask.main(["compare", "--seeds", "2", "--eval-points", "2", "--out", str(tmp_path / "a")] + flags) == 0
+    # --jobs 2: the runs go to worker processes on any machine; the check at the end repeats one in this process
+    assert remask.main(["compare", "--seeds", "2", "--eval-points", "2", "--jobs", "2", "--out", str(tmp_path / "a")]
+                       + flags) == 0
     out = tmp_path / "a"
     saved = json.loads((out / "results.json").read_text())
     assert saved["table"] in capsys.readouterr().out and saved["seeds"] == [0, 1] and saved["choices"] == 4

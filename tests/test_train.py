@@ -128,7 +128,7 @@ def test_the_step_reads_nothing_back_from_the_device(tmp_path, mode, device):
     cfg = tiny(tmp_path, mode=mode, grad_checkpointing=True)
     train, _, tok = data.embedded_dataset(cfg.seed, cfg.n_train, 1, cfg.digits)
     examples, _ = data.fit_length(data.encode_many(train, tok), cfg.seq_len)
-    loader = data.Loader(examples, tok, cfg.mask_config(), cfg.global_batch, 4, cfg.seed)
+    loader = data.Loader(examples, tok, cfg.mask_config(), cfg.global_batch, 8, cfg.seed)  # 2 micro-batches
     device = torch.device(device)
     with device:
         model = remask.StableLM(replace(remask.Config.named("debug"), vocab_size=len(tok)))
