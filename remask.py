@@ -1288,7 +1288,7 @@ def svg_chart(series, title, x_label, y_label="", y_range=None, width=640, heigh
     bottom = height - pad + 16
     x_ticks = sorted(set(xs)) if len(set(xs)) <= 10 else [x0, x1]  # every x of a few evaluations, else the ends
     text = [(pad - 4, pad + 4, "end", f"{y1:.4g}"), (pad - 4, height - pad + 4, "end", f"{y0:.4g}"),
-            *[(f"{position(x, y0)[0]:.1f}", bottom, "middle", f"{x:.4g}") for x in x_ticks],
+            *[(round(position(x, y0)[0], 1), bottom, "middle", f"{x:.4g}") for x in x_ticks],
             (width / 2, height - 12, "middle", x_label), (width / 2, 20, "middle", title)]
     y_title = (f'<text x="14" y="{height / 2}" text-anchor="middle" transform="rotate(-90 14 {height / 2})">'
                f'{escape(y_label)}</text>\n' if y_label else "")
