@@ -20,10 +20,14 @@ The file follows one example through the pipeline, top to bottom:
   embedded     `embedded_dataset(seed, n_train, n_eval, digits)`: synthetic chain-of-thought addition plus short
                chat pairs, held-out problems, and a small BPE tokenizer trained here and cached on disk.
   show         `render(ex, tok, item)` and `python data.py show SPEC`: the text with labels and masks marked.
+  files        what reading and writing share: `atomic_write` (a file appears whole or not at all, with the
+               umask's mode), `read_text`, `json_lines` and `read_json_objects` (errors name the file and line).
   download     `python data.py download NAME|all --out DIR` through the dataset viewer's /rows API (stdlib only).
   gsm8k        the lm-evaluation-harness GSM8K task without the model: `read_gsm8k(path)`, `gsm8k_prompts`
                (5-shot 'Question: ...\\nAnswer:' drawn with seed 1234, or the CoT template), `cut_at_stop`,
                `strict_match`, `flexible_extract`, `normalize_gsm8k`, and `score_gsm8k` (accuracy and stderr).
+  arc          the lm-evaluation-harness ARC task (25-shot log-likelihoods) without the model: `read_arc(path)`,
+               `arc_contexts`, `arc_continuations`, `encode_pair` and `score_arc` (acc, acc_norm and stderr).
   command line `python data.py show ...` and `python data.py download ...`.
 
 Conventions other modules rely on: labels are aligned with input_ids (Hugging Face convention; the loss shifts
@@ -333,82 +337,6 @@ class Loader:
         """Yield (step, micro_batches) from start_step to the end of the epoch (a resume passes its position)."""
         for step in range(start_step, self.steps_per_epoch):
             yield step, self.micro_batches(epoch, step)
-
-
-# ----------------------------------------------------------------------------- files
-# What reading and writing share: a written file appears whole or not at all, with the mode an ordinary open()
-# would give it; a read names the file that fails; JSON Lines end at "\n" and nowhere else.
-
-def current_umask() -> int:
-    """The process's umask (reading it means setting it, so the old value is put back at once)."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return umask
-
-
-def atomic_write(path, data):
-    """Write data (bytes, or str as UTF-8) to path via a temporary file beside it and a rename: never half a file.
-    The file gets 0666 less the umask, as open() would give it: mkstemp's 0600 would hide a tokenizer or a log
-    from the colleagues a shared directory is for."""
-    data = data.encode() if isinstance(data, str) else data
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o666 & ~current_umask())
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def read_text(path: Path) -> str:
-    """A UTF-8 text file without its byte-order mark, if any; DataError names the file when it cannot be read."""
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a directory, expected a file") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e})") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot be read ({e.strerror})") from None
-
-
-def json_lines(path: Path, text: str) -> list:
-    """(where, row, error) for each non-blank line of JSON Lines text: where is 'path:line', error says why a
-    line is not JSON (row is None then). Lines end at "\\n" only: str.splitlines() also ends them at U+2028,
-    U+2029 and U+0085, which json.dumps(ensure_ascii=False) leaves raw inside strings."""
-    rows = []
-    for n, line in enumerate(text.split("\n"), 1):
-        if line.strip():
-            try:
-                rows.append((f"{path}:{n}", json.loads(line), None))
-            except json.JSONDecodeError as e:
-                rows.append((f"{path}:{n}", None, f"malformed JSON ({e.msg} at column {e.colno})"))
-    return rows
-
-
-def read_json_objects(path, fields: str) -> list:
-    """[(where, row)] of a JSON Lines file whose rows are objects holding `fields` (evaluation data); a file that
-    cannot be read, a malformed line, a row that is not an object or no rows at all raise DataError."""
-    path = Path(path).expanduser()
-    rows = []
-    for where, row, error in json_lines(path, read_text(path)):
-        if error:
-            raise DataError(f"{where}: {error}")
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: the row is a JSON {JSON_TYPES.get(type(row), 'value')}, expected an object "
-                            f"with {fields}")
-        rows.append((where, row))
-    if not rows:
-        raise DataError(f"{path}: no rows")
-    return rows
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -771,6 +699,82 @@ def render(ex: Encoded, tok: Tokenizer, item: dict = None) -> str:
     head = (f"[{'cot' if ex.cot else 'chat'}: {len(ids)} tokens, {sum(y != IGNORE_INDEX for y in labels)} labels"
             f" ({dropped} dropped), {n_mask} of {maskable} maskable inputs masked]")
     return head + "\n" + "".join(out)
+
+
+# ----------------------------------------------------------------------------- files
+# What reading and writing share: a written file appears whole or not at all, with the mode an ordinary open()
+# would give it; a read names the file that fails; JSON Lines end at "\n" and nowhere else.
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it, so the old value is put back at once)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def atomic_write(path, data):
+    """Write data (bytes, or str as UTF-8) to path via a temporary file beside it and a rename: never half a file.
+    The file gets 0666 less the umask, as open() would give it: mkstemp's 0600 would hide a tokenizer or a log
+    from the colleagues a shared directory is for."""
+    data = data.encode() if isinstance(data, str) else data
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~current_umask())
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def read_text(path: Path) -> str:
+    """A UTF-8 text file without its byte-order mark, if any; DataError names the file when it cannot be read."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory, expected a file") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror})") from None
+
+
+def json_lines(path: Path, text: str) -> list:
+    """(where, row, error) for each non-blank line of JSON Lines text: where is 'path:line', error says why a
+    line is not JSON (row is None then). Lines end at "\\n" only: str.splitlines() also ends them at U+2028,
+    U+2029 and U+0085, which json.dumps(ensure_ascii=False) leaves raw inside strings."""
+    rows = []
+    for n, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            try:
+                rows.append((f"{path}:{n}", json.loads(line), None))
+            except json.JSONDecodeError as e:
+                rows.append((f"{path}:{n}", None, f"malformed JSON ({e.msg} at column {e.colno})"))
+    return rows
+
+
+def read_json_objects(path, fields: str) -> list:
+    """[(where, row)] of a JSON Lines file whose rows are objects holding `fields` (evaluation data); a file that
+    cannot be read, a malformed line, a row that is not an object or no rows at all raise DataError."""
+    path = Path(path).expanduser()
+    rows = []
+    for where, row, error in json_lines(path, read_text(path)):
+        if error:
+            raise DataError(f"{where}: {error}")
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: the row is a JSON {JSON_TYPES.get(type(row), 'value')}, expected an object "
+                            f"with {fields}")
+        rows.append((where, row))
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
 
 
 # ----------------------------------------------------------------------------- downloader (dataset viewer /rows)

@@ -6,11 +6,12 @@ members switch on q/k/v biases (stablelm-2-1_6b), per-head q/k LayerNorm, parall
 grouped-query attention (stablelm-2-12b). Every switch is a field of Config, named as in config.json, and every
 parameter is named as in the Hugging Face checkpoint, so state dicts map 1:1.
 
-Sections: Config (config.json in any of the three spellings met in the wild) / the model / checkpoint I/O
-(safetensors, sharded or not, fp32/fp16/bf16 and bitsandbytes LLM.int8, in the layout transformers, vLLM and
-lm-evaluation-harness load; written whole or not at all, over nothing but a model directory, by write_directory;
-loaded only when every float is finite) / generation (batched, left or right padded, preallocated KV cache,
-streaming).
+Sections: config (the fields, as named in config.json, and the known configs) / the model / generation
+(batched, left or right padded, preallocated KV cache, streaming) / Hugging Face I/O (config.json in any of the three
+spellings met in the wild; safetensors, sharded or not, fp32/fp16/bf16 and bitsandbytes LLM.int8, in the layout
+transformers, vLLM and lm-evaluation-harness load; loaded only when every float is finite) / directory writing (a
+model directory written whole or not at all, over nothing but a model directory: write_directory, and
+recover_directory for what a killed write left).
 
 Deliberately left out: dropout (StableLM trains without it), rope scaling variants, pytorch_model.bin files,
 4-bit formats, beam search and top-p.
@@ -83,56 +84,17 @@ class Config:
 
     @classmethod
     def from_dict(cls, d, source="config"):
-        """Any of: hub files (top-level rope keys), transformers 5 (nested rope_parameters), stablelm_epoch."""
-        if not isinstance(d, dict):
-            raise ValueError(f"{source}: a config must be a JSON object, got {type(d).__name__}")
-        d = dict(d)
-        model_type = d.get("model_type")
-        if model_type not in ("stablelm", "stablelm_epoch"):
-            raise ValueError(f"{source}: model_type {model_type!r} is not StableLM ('stablelm' or 'stablelm_epoch')")
-        for old, new in (("norm_eps", "layer_norm_eps"), ("rope_pct", "partial_rotary_factor")):
-            if old in d:
-                d[new] = d.pop(old)
-        rope = d.pop("rope_parameters", None) or {}
-        if rope.get("rope_type", "default") != "default" or d.get("rope_scaling"):
-            raise ValueError(f"{source}: rope scaling ({rope or d.get('rope_scaling')}) is not supported")
-        d.update({k: rope[k] for k in ("rope_theta", "partial_rotary_factor") if k in rope})
-        if d.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{source}: hidden_act {d['hidden_act']!r} is not supported (StableLM uses 'silu')")
-        d.setdefault("num_key_value_heads", d.get("num_attention_heads", cls.num_attention_heads))
-        d["torch_dtype"] = d.get("torch_dtype") or d.get("dtype") or "float32"  # transformers 5 writes "dtype"
-        given = {f.name: d[f.name] for f in fields(cls) if f.name in d}
-        checks = {int: ("a positive int", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
-                  float: ("a finite number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-                          and math.isfinite(v)),
-                  bool: ("true or false", lambda v: isinstance(v, bool))}
-        for name, value in given.items():  # JSON holds any type: a string where a size belongs fails here, by name
-            what, ok = checks.get(cls.__dataclass_fields__[name].type, ("", lambda v: True))
-            if not ok(value):
-                raise ValueError(f"{source}: {name} must be {what}, got {value!r}")
-        try:
-            return cls(**given)
-        except ValueError as e:
-            raise ValueError(f"{source}: {e}") from None
+        """A Config from a parsed config.json: config_from_dict (Hugging Face I/O, below)."""
+        return config_from_dict(d, source)
 
     @classmethod
     def from_json(cls, path):
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such config file (a Hugging Face model directory has config.json)")
-        try:
-            d = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(d, source=str(path))
+        """A Config from a config.json file: config_from_json (Hugging Face I/O, below)."""
+        return config_from_json(path)
 
     def to_dict(self):
-        """Hub-style config.json (transformers 4.x spelling, which 5.x, vLLM and lm-eval also read)."""
-        d = {"architectures": ["StableLmForCausalLM"], "model_type": "stablelm", "hidden_act": "silu", **asdict(self),
-             "attention_dropout": 0.0, "hidden_dropout": 0.0, "initializer_range": 0.02, "use_cache": True}
-        if d["quantization_config"] is None:
-            del d["quantization_config"]
-        return d
+        """The config.json contents: config_to_dict (Hugging Face I/O, below)."""
+        return config_to_dict(self)
 
     @classmethod
     def named(cls, name):
@@ -346,94 +308,377 @@ class StableLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None):
-        """Load a Hugging Face StableLM directory. dtype casts floating weights (None keeps the stored dtype); int8
-        weights and their fp32 scales stay as stored. Built on the meta device and filled file by file, so the
-        weights are in memory once. Every floating tensor must be finite (checked as it is read). What a killed
-        save_pretrained left beside `path` is repaired or removed first (recover_directory)."""
-        path = Path(path)
-        recover_directory(path)
-        config = Config.from_json(path / "config.json")
-        files, index = _weight_files(path)
-        with torch.device("meta"):
-            model = cls(config)
-        int8 = set()
-        if config.quantization_config is not None:
-            int8 = _swap_in_int8(model, config.quantization_config, path / "config.json")
-        expected = model.state_dict()
-        if config.tie_word_embeddings:
-            del expected["lm_head.weight"]  # tied files carry only the embedding (a stray copy is ignored below)
-        _check_checkpoint(path, files, index, expected, int8)
-        for file in files:
-            with _open(file, device) as st:
-                shard = {}
-                for name in st.keys():
-                    if name not in expected:
-                        continue  # weight_format or a tied lm_head.weight, both checked already
-                    t = st.get_tensor(name)
-                    cast = dtype is not None and t.is_floating_point() and not name.endswith(".SCB")
-                    shard[name] = _check_finite(t.to(dtype) if cast else t, name, file)
-                model.load_state_dict(shard, strict=False, assign=True)  # the loaded tensors become the parameters
-        if config.tie_word_embeddings:
-            model.lm_head.weight = model.model.embed_tokens.weight
-        return model.eval()
+        """Load a Hugging Face StableLM directory: load_pretrained (Hugging Face I/O, below)."""
+        return load_pretrained(path, dtype, device)
 
     def save_pretrained(self, path, max_shard_size=5 * 10**9, extra=None):
-        """Write a directory transformers/vLLM/lm-eval load as is; shards above max_shard_size (bytes or '5GB').
-        extra(directory), if given, adds files (a tokenizer) before the directory appears. Through write_directory:
-        `path` is never half-written, and only an empty or model directory (is_model_directory) is replaced."""
-        limit = _parse_size(max_shard_size)
+        """Write a Hugging Face model directory: the module's save_pretrained (Hugging Face I/O, below)."""
+        return save_pretrained(self, path, max_shard_size, extra)
 
-        def fill(directory):
-            self._write_files(directory, limit)
-            if extra is not None:
-                extra(directory)
+# ----------------------------------------------------------------------------- generation
 
-        return write_directory(path, fill)
 
-    def _write_files(self, directory, limit):
-        """The safetensors shards (with their index when sharded), config.json and generation_config.json."""
-        tensors = self.state_dict()
-        if self.config.tie_word_embeddings:
-            del tensors["lm_head.weight"]  # what transformers writes for tied embeddings
-        int8 = [name for name, m in self.named_modules() if isinstance(m, quantize.Int8Linear)]
-        for name in int8:  # bitsandbytes' marker for the row-major int8 layout
-            tensors[f"{name}.weight_format"] = torch.tensor(0, dtype=torch.uint8)
-        dtype = str(self.model.embed_tokens.weight.dtype).removeprefix("torch.")
-        config = replace(self.config, torch_dtype=dtype, quantization_config=self._int8_config() if int8 else None)
-        shards = [[]]
-        size = 0
-        for name, t in tensors.items():
-            nbytes = t.numel() * t.element_size()
-            if shards[-1] and size + nbytes > limit:
-                shards.append([])
-                size = 0
-            shards[-1].append(name)
-            size += nbytes
-        n = len(shards)
-        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        for file, shard in zip(names, shards):  # one shard at a time on the CPU
-            part = {k: tensors[k].detach().cpu().contiguous() for k in shard}
-            save_file(part, directory / file, metadata={"format": "pt"})
-        if n > 1:
-            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-                     "weight_map": {k: file for file, shard in zip(names, shards) for k in shard}}
-            (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        (directory / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-        generation = {"_from_model_config": True, "bos_token_id": config.bos_token_id,
-                      "eos_token_id": config.eos_token_id}
-        (directory / "generation_config.json").write_text(json.dumps(generation, indent=2))
+class KVCache:
+    """Preallocated keys and values of every layer, plus which slots hold real tokens.
 
-    def _int8_config(self):
-        """quantization_config as transformers' BitsAndBytesConfig(load_in_8bit=True) writes it."""
-        thresholds = {m.threshold for m in self.modules() if isinstance(m, quantize.Int8Linear)}
-        if len(thresholds) != 1:
-            raise ValueError(f"save_pretrained: Int8Linear layers disagree on threshold ({sorted(thresholds)})")
-        skip = [name for name, m in self.named_modules() if isinstance(m, nn.Linear)]  # linears left in float
-        return {"quant_method": "bitsandbytes", "load_in_8bit": True, "load_in_4bit": False,
-                "_load_in_8bit": True, "_load_in_4bit": False, "llm_int8_threshold": thresholds.pop(),
-                "llm_int8_has_fp16_weight": False, "llm_int8_skip_modules": skip,
-                "llm_int8_enable_fp32_cpu_offload": False, "bnb_4bit_compute_dtype": "float32",
-                "bnb_4bit_quant_storage": "uint8", "bnb_4bit_quant_type": "fp4", "bnb_4bit_use_double_quant": False}
+    Slots fill left to right; a padded prompt occupies all its slots but its pad slots stay invalid, so left and
+    right padding both work. All state that changes per step is a tensor updated in place: no host syncs, fixed
+    addresses and shapes, so a decode step can be captured by torch.compile / CUDA graphs (as in gpt-fast)."""
+
+    def __init__(self, model, batch_size, max_len):
+        c, weight = model.config, model.model.embed_tokens.weight
+        shape = (c.num_hidden_layers, batch_size, c.num_key_value_heads, max_len, c.head_dim)
+        self.k = torch.zeros(shape, dtype=weight.dtype, device=weight.device)  # (L, B, KV, S, D)
+        self.v = torch.zeros(shape, dtype=weight.dtype, device=weight.device)  # (L, B, KV, S, D)
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=weight.device)  # slot has a token
+        self.next_slot = torch.zeros((), dtype=torch.long, device=weight.device)  # first free slot
+        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=weight.device)  # each row's next position
+        self.slots = None  # (T,) slots of the tokens being appended
+        for t in (self.k, self.v, self.valid, self.next_slot, self.next_pos):
+            torch._dynamo.mark_static_address(t)  # in-place updates at fixed addresses: no recompiles under compile
+
+    def append(self, valid):
+        """Claim slots for T new tokens per row (valid (B, T) bool); returns the attention mask and positions."""
+        T = valid.shape[1]
+        self.slots = self.next_slot + torch.arange(T, device=valid.device)  # (T,)
+        self.valid.index_copy_(1, self.slots, valid)
+        pos = self.next_pos[:, None] + (valid.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        self.next_pos += valid.sum(-1)
+        self.next_slot += T
+        return causal_padding_mask(self.valid, self.slots), pos
+
+    def update(self, layer, k, v):  # k, v (B, KV, T, D) -> the layer's whole cache (B, KV, S, D)
+        self.k[layer].index_copy_(2, self.slots, k)
+        self.v[layer].index_copy_(2, self.slots, v)
+        return self.k[layer], self.v[layer]
+
+
+def sample(logits, temperature=0.0, top_k=None, generator=None):
+    """(B, V) logits -> (B,) ids: argmax at temperature 0, else a draw from softmax(logits / temperature)
+    restricted to the top_k most likely tokens."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def decode_step(model, tokens, cache):
+    """One new token per row, (B, 1) ids -> (B, V) next-token logits. Fixed shapes and no host syncs."""
+    return model(tokens, cache=cache)[:, -1]
+
+
+def _static_cache(model, batch_size, max_len):
+    """One cache kept on the model and reused: a CUDA graph records fixed addresses, so a fresh cache per call
+    would re-record it. Lengths round up to 256 so that calls with different lengths share it."""
+    max_len = -(-max_len // 256) * 256
+    cache = getattr(model, "_static_kv_cache", None)
+    weight = model.model.embed_tokens.weight
+    if cache is None or (cache.k.shape[1], cache.k.shape[3]) != (batch_size, max_len) or cache.k.dtype != weight.dtype \
+            or cache.k.device != weight.device:
+        cache = model._static_kv_cache = KVCache(model, batch_size, max_len)
+    for t in (cache.valid, cache.next_slot, cache.next_pos):
+        t.zero_()  # stale keys and values may stay: invalid slots are masked
+    return cache
+
+
+@functools.cache
+def _compiled_decode_step():
+    return torch.compile(decode_step, mode="reduce-overhead", fullgraph=True)  # CUDA graphs: no launch overhead
+
+
+@torch.no_grad()
+def generate(model, input_ids, max_new_tokens, temperature=0.0, top_k=None, stop_ids=(), attention_mask=None,
+             pad_id=0, on_token=None, generator=None, compile=False):
+    """Continue each row of input_ids (B, T); returns (B, T + n), n <= max_new_tokens new tokens per row.
+
+    attention_mask (B, T) marks real tokens (1) and padding (0), on either side. A row that emits one of
+    stop_ids keeps that token and gets pad_id after it; generation ends early once every row has stopped.
+    on_token(tokens) sees each step's (B,) new tokens as they come (streaming); if it returns a (B,) bool tensor,
+    rows marked True stop as if they had emitted a stop id (stop strings, say). compile=True runs the decode
+    step through torch.compile with CUDA graphs (worth it on a GPU; the first call compiles)."""
+    B, T = input_ids.shape
+    device = input_ids.device
+    valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    cache = _static_cache(model, B, T + max_new_tokens) if compile else KVCache(model, B, T + max_new_tokens)
+    h = model.hidden_states(input_ids, valid, cache)                     # (B, T, C)
+    last = (valid * torch.arange(T, device=device)).argmax(-1)            # each row's last real token
+    logits = model.lm_head(h[torch.arange(B, device=device), last])      # (B, V): lm_head on B rows, not B*T
+    stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    step = _compiled_decode_step() if compile else decode_step
+    new = []
+    for i in range(max_new_tokens):
+        drawn = sample(logits, temperature, top_k, generator)  # (B,)
+        token = torch.where(done, pad_id, drawn)  # (B,) finished rows get pad_id
+        new.append(token)
+        finished = on_token(token) if on_token is not None else None
+        if finished is not None:  # the callback's own stop rule, e.g. stop strings in the decoded text
+            done |= finished
+        if len(stop):
+            done |= torch.isin(token, stop)
+        if finished is not None or len(stop):
+            if done.all():  # the loop's only host sync, and only when there is something to stop on
+                break
+        if i + 1 < max_new_tokens:
+            # finished rows are fed their (ignored) draw, which is always a valid id, unlike pad_id may be
+            logits = step(model, drawn[:, None], cache).clone()  # clone: a CUDA graph reuses its output buffer
+    return torch.cat([input_ids, torch.stack(new, 1) if new else input_ids[:, :0]], dim=1)
+
+# ----------------------------------------------------------------------------- Hugging Face I/O
+
+
+def config_from_dict(d, source="config"):
+    """A Config from the contents of a config.json, in any of its spellings: hub files (top-level rope keys),
+    transformers 5 (nested rope_parameters), stablelm_epoch."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{source}: a config must be a JSON object, got {type(d).__name__}")
+    d = dict(d)
+    model_type = d.get("model_type")
+    if model_type not in ("stablelm", "stablelm_epoch"):
+        raise ValueError(f"{source}: model_type {model_type!r} is not StableLM ('stablelm' or 'stablelm_epoch')")
+    for old, new in (("norm_eps", "layer_norm_eps"), ("rope_pct", "partial_rotary_factor")):
+        if old in d:
+            d[new] = d.pop(old)
+    rope = d.pop("rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default" or d.get("rope_scaling"):
+        raise ValueError(f"{source}: rope scaling ({rope or d.get('rope_scaling')}) is not supported")
+    d.update({k: rope[k] for k in ("rope_theta", "partial_rotary_factor") if k in rope})
+    if d.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{source}: hidden_act {d['hidden_act']!r} is not supported (StableLM uses 'silu')")
+    d.setdefault("num_key_value_heads", d.get("num_attention_heads", Config.num_attention_heads))
+    d["torch_dtype"] = d.get("torch_dtype") or d.get("dtype") or "float32"  # transformers 5 writes "dtype"
+    given = {f.name: d[f.name] for f in fields(Config) if f.name in d}
+    checks = {int: ("a positive int", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
+              float: ("a finite number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+                      and math.isfinite(v)),
+              bool: ("true or false", lambda v: isinstance(v, bool))}
+    for name, value in given.items():  # JSON holds any type: a string where a size belongs fails here, by name
+        what, ok = checks.get(Config.__dataclass_fields__[name].type, ("", lambda v: True))
+        if not ok(value):
+            raise ValueError(f"{source}: {name} must be {what}, got {value!r}")
+    try:
+        return Config(**given)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def config_from_json(path):
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such config file (a Hugging Face model directory has config.json)")
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    return config_from_dict(d, source=str(path))
+
+
+def config_to_dict(config):
+    """Hub-style config.json (transformers 4.x spelling, which 5.x, vLLM and lm-eval also read)."""
+    d = {"architectures": ["StableLmForCausalLM"], "model_type": "stablelm", "hidden_act": "silu", **asdict(config),
+         "attention_dropout": 0.0, "hidden_dropout": 0.0, "initializer_range": 0.02, "use_cache": True}
+    if d["quantization_config"] is None:
+        del d["quantization_config"]
+    return d
+
+
+def load_pretrained(path, dtype=None, device=None):
+    """Load a Hugging Face StableLM directory. dtype casts floating weights (None keeps the stored dtype); int8
+    weights and their fp32 scales stay as stored. Built on the meta device and filled file by file, so the
+    weights are in memory once. Every floating tensor must be finite (checked as it is read). What a killed
+    save_pretrained left beside `path` is repaired or removed first (recover_directory)."""
+    path = Path(path)
+    recover_directory(path)
+    config = Config.from_json(path / "config.json")
+    files, index = _weight_files(path)
+    with torch.device("meta"):
+        model = StableLM(config)
+    int8 = set()
+    if config.quantization_config is not None:
+        int8 = _swap_in_int8(model, config.quantization_config, path / "config.json")
+    expected = model.state_dict()
+    if config.tie_word_embeddings:
+        del expected["lm_head.weight"]  # tied files carry only the embedding (a stray copy is ignored below)
+    _check_checkpoint(path, files, index, expected, int8)
+    for file in files:
+        with _open(file, device) as st:
+            shard = {}
+            for name in st.keys():
+                if name not in expected:
+                    continue  # weight_format or a tied lm_head.weight, both checked already
+                t = st.get_tensor(name)
+                cast = dtype is not None and t.is_floating_point() and not name.endswith(".SCB")
+                shard[name] = _check_finite(t.to(dtype) if cast else t, name, file)
+            model.load_state_dict(shard, strict=False, assign=True)  # the loaded tensors become the parameters
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+def _weight_files(path):
+    """The safetensors files of a checkpoint directory and its index's weight map (None when unsharded)."""
+    index_file = path / "model.safetensors.index.json"
+    if index_file.is_file():
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index_file}: not a safetensors index ({e!r})") from None
+        files = [path / f for f in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.is_file():
+                raise FileNotFoundError(f"{f}: listed in {index_file} but missing")
+        return files, weight_map
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"], None
+    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
+                            f"(only safetensors checkpoints are supported)")
+
+
+def _open(file, device=None):
+    try:
+        return safe_open(str(file), framework="pt", device=str(device or "cpu"))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{file}: broken safetensors file ({e})") from None
+
+
+def _swap_in_int8(model, qconfig, source):
+    """Replace the linears an LLM.int8 checkpoint quantized by (meta) Int8Linear layers; returns their names."""
+    if qconfig.get("quant_method") != "bitsandbytes" or not qconfig.get("load_in_8bit") \
+            or qconfig.get("llm_int8_has_fp16_weight"):
+        raise ValueError(f"{source}: quantization_config is not bitsandbytes LLM.int8 with int8 weights "
+                         f"(load_in_8bit true, llm_int8_has_fp16_weight false): {qconfig}")
+    skip = qconfig.get("llm_int8_skip_modules")
+    if skip is None:
+        skip = ["lm_head"]  # transformers' default keeps the output layer float; [] quantizes every linear
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)
+             and not any(name == s or f"{s}." in f"{name}." for s in skip)]  # transformers' name matching
+    for name in names:
+        linear = model.get_submodule(name)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, quantize.Int8Linear(
+            linear.in_features, linear.out_features, bias=linear.bias is not None,
+            threshold=float(qconfig.get("llm_int8_threshold", 6.0)), device="meta", dtype=linear.weight.dtype))
+    return set(names)
+
+
+def _check_checkpoint(path, files, index, expected, int8):
+    """Compare every name, shape and dtype in the files' headers with the model before any data is read."""
+    found, problems = {}, []
+    for file in files:
+        with _open(file) as st:
+            for name in st.keys():
+                sl = st.get_slice(name)
+                shape, dtype = list(sl.get_shape()), sl.get_dtype()
+                found[name] = file
+                module = name.rsplit(".", 1)[0]
+                if name.endswith(".weight_format") and module in int8:
+                    if (layout := st.get_tensor(name).item()) != 0:
+                        problems.append(f"{name} in {file} is {layout}: an old tiled int8 layout (col32/turing/"
+                                        f"ampere), not row-major (0); re-save it with bitsandbytes >= 0.44")
+                elif name in expected:
+                    want = expected[name]
+                    if shape != list(want.shape):
+                        problems.append(f"{name} in {file} has shape {shape}, the model expects {list(want.shape)}")
+                    is_int8 = name.endswith(".weight") and module in int8
+                    if (dtype == "I8") != is_int8 or not (is_int8 or dtype in ("F16", "BF16", "F32", "F64")):
+                        problems.append(f"{name} in {file} has dtype {dtype}, the model expects "
+                                        f"{'I8' if is_int8 else 'a float'}")
+                elif name != "lm_head.weight":  # (a tied checkpoint's stray lm_head copy is ignored)
+                    hint = name.endswith(".SCB") and not int8
+                    problems.append(f"unexpected tensor {name} in {file}"
+                                    + (" (an 8-bit checkpoint, but config.json has no quantization_config)" * hint))
+    missing = [name for name in expected if name not in found]
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''} "
+                        f"({len(missing)} in all)")
+    if index is not None:
+        problems += [f"{name} listed in the index is in none of the files" for name in index if name not in found]
+    if problems:
+        raise ValueError(f"{path}: checkpoint does not match its config.json:\n  " + "\n  ".join(problems))
+
+
+def _check_finite(t, name, file):
+    """t, unless it is floating with a NaN or an infinity. Through min and max, which propagate NaN and are infinite
+    when any value is: one reduction, far cheaper on the CPU than isfinite(t).all() (a bool per element)."""
+    if t.is_floating_point() and t.numel() and not torch.isfinite(torch.stack(torch.aminmax(t))).all():
+        bad = (~torch.isfinite(t)).sum().item()
+        raise ValueError(f"{file}: tensor {name} ({t.dtype}) has {bad} of {t.numel()} values that are NaN or "
+                         f"infinite: corrupt, or overflowed (in training, or in a cast to a narrower dtype)")
+    return t
+
+
+def save_pretrained(model, path, max_shard_size=5 * 10**9, extra=None):
+    """Write a directory transformers/vLLM/lm-eval load as is; shards above max_shard_size (bytes or '5GB').
+    extra(directory), if given, adds files (a tokenizer) before the directory appears. Through write_directory:
+    `path` is never half-written, and only an empty or model directory (is_model_directory) is replaced."""
+    limit = _parse_size(max_shard_size)
+
+    def fill(directory):
+        _write_files(model, directory, limit)
+        if extra is not None:
+            extra(directory)
+
+    return write_directory(path, fill)
+
+
+def _parse_size(size):
+    """Bytes from an int or a string like '5GB' or '500MB' (decimal units, as transformers counts them)."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMG]?B)", str(size).strip().upper())
+    if not isinstance(size, int) and not m:
+        raise ValueError(f"max_shard_size {size!r}: expected bytes or a size like '5GB'")
+    return size if isinstance(size, int) else int(float(m[1]) * {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9}[m[2]])
+
+
+def _write_files(model, directory, limit):
+    """The safetensors shards (with their index when sharded), config.json and generation_config.json."""
+    tensors = model.state_dict()
+    if model.config.tie_word_embeddings:
+        del tensors["lm_head.weight"]  # what transformers writes for tied embeddings
+    int8 = [name for name, m in model.named_modules() if isinstance(m, quantize.Int8Linear)]
+    for name in int8:  # bitsandbytes' marker for the row-major int8 layout
+        tensors[f"{name}.weight_format"] = torch.tensor(0, dtype=torch.uint8)
+    dtype = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
+    config = replace(model.config, torch_dtype=dtype, quantization_config=_int8_config(model) if int8 else None)
+    shards = [[]]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for file, shard in zip(names, shards):  # one shard at a time on the CPU
+        part = {k: tensors[k].detach().cpu().contiguous() for k in shard}
+        save_file(part, directory / file, metadata={"format": "pt"})
+    if n > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                 "weight_map": {k: file for file, shard in zip(names, shards) for k in shard}}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (directory / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    generation = {"_from_model_config": True, "bos_token_id": config.bos_token_id,
+                  "eos_token_id": config.eos_token_id}
+    (directory / "generation_config.json").write_text(json.dumps(generation, indent=2))
+
+
+def _int8_config(model):
+    """quantization_config as transformers' BitsAndBytesConfig(load_in_8bit=True) writes it."""
+    thresholds = {m.threshold for m in model.modules() if isinstance(m, quantize.Int8Linear)}
+    if len(thresholds) != 1:
+        raise ValueError(f"save_pretrained: Int8Linear layers disagree on threshold ({sorted(thresholds)})")
+    skip = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]  # linears left in float
+    return {"quant_method": "bitsandbytes", "load_in_8bit": True, "load_in_4bit": False,
+            "_load_in_8bit": True, "_load_in_4bit": False, "llm_int8_threshold": thresholds.pop(),
+            "llm_int8_has_fp16_weight": False, "llm_int8_skip_modules": skip,
+            "llm_int8_enable_fp32_cpu_offload": False, "bnb_4bit_compute_dtype": "float32",
+            "bnb_4bit_quant_storage": "uint8", "bnb_4bit_quant_type": "fp4", "bnb_4bit_use_double_quant": False}
+
+# ----------------------------------------------------------------------------- directory writing
 
 
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json",
@@ -605,215 +850,3 @@ def _exchange(a, b) -> bool:
     if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # no such call, or a filesystem without exchange
         return False
     raise OSError(code, os.strerror(code), str(b))
-
-
-def _check_finite(t, name, file):
-    """t, unless it is floating with a NaN or an infinity. Through min and max, which propagate NaN and are infinite
-    when any value is: one reduction, far cheaper on the CPU than isfinite(t).all() (a bool per element)."""
-    if t.is_floating_point() and t.numel() and not torch.isfinite(torch.stack(torch.aminmax(t))).all():
-        bad = (~torch.isfinite(t)).sum().item()
-        raise ValueError(f"{file}: tensor {name} ({t.dtype}) has {bad} of {t.numel()} values that are NaN or "
-                         f"infinite: corrupt, or overflowed (in training, or in a cast to a narrower dtype)")
-    return t
-
-
-def _parse_size(size):
-    """Bytes from an int or a string like '5GB' or '500MB' (decimal units, as transformers counts them)."""
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMG]?B)", str(size).strip().upper())
-    if not isinstance(size, int) and not m:
-        raise ValueError(f"max_shard_size {size!r}: expected bytes or a size like '5GB'")
-    return size if isinstance(size, int) else int(float(m[1]) * {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9}[m[2]])
-
-
-def _weight_files(path):
-    """The safetensors files of a checkpoint directory and its index's weight map (None when unsharded)."""
-    index_file = path / "model.safetensors.index.json"
-    if index_file.is_file():
-        try:
-            weight_map = json.loads(index_file.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index_file}: not a safetensors index ({e!r})") from None
-        files = [path / f for f in sorted(set(weight_map.values()))]
-        for f in files:
-            if not f.is_file():
-                raise FileNotFoundError(f"{f}: listed in {index_file} but missing")
-        return files, weight_map
-    if (path / "model.safetensors").is_file():
-        return [path / "model.safetensors"], None
-    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
-                            f"(only safetensors checkpoints are supported)")
-
-
-def _open(file, device=None):
-    try:
-        return safe_open(str(file), framework="pt", device=str(device or "cpu"))
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{file}: broken safetensors file ({e})") from None
-
-
-def _swap_in_int8(model, qconfig, source):
-    """Replace the linears an LLM.int8 checkpoint quantized by (meta) Int8Linear layers; returns their names."""
-    if qconfig.get("quant_method") != "bitsandbytes" or not qconfig.get("load_in_8bit") \
-            or qconfig.get("llm_int8_has_fp16_weight"):
-        raise ValueError(f"{source}: quantization_config is not bitsandbytes LLM.int8 with int8 weights "
-                         f"(load_in_8bit true, llm_int8_has_fp16_weight false): {qconfig}")
-    skip = qconfig.get("llm_int8_skip_modules")
-    if skip is None:
-        skip = ["lm_head"]  # transformers' default keeps the output layer float; [] quantizes every linear
-    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)
-             and not any(name == s or f"{s}." in f"{name}." for s in skip)]  # transformers' name matching
-    for name in names:
-        linear = model.get_submodule(name)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, quantize.Int8Linear(
-            linear.in_features, linear.out_features, bias=linear.bias is not None,
-            threshold=float(qconfig.get("llm_int8_threshold", 6.0)), device="meta", dtype=linear.weight.dtype))
-    return set(names)
-
-
-def _check_checkpoint(path, files, index, expected, int8):
-    """Compare every name, shape and dtype in the files' headers with the model before any data is read."""
-    found, problems = {}, []
-    for file in files:
-        with _open(file) as st:
-            for name in st.keys():
-                sl = st.get_slice(name)
-                shape, dtype = list(sl.get_shape()), sl.get_dtype()
-                found[name] = file
-                module = name.rsplit(".", 1)[0]
-                if name.endswith(".weight_format") and module in int8:
-                    if (layout := st.get_tensor(name).item()) != 0:
-                        problems.append(f"{name} in {file} is {layout}: an old tiled int8 layout (col32/turing/"
-                                        f"ampere), not row-major (0); re-save it with bitsandbytes >= 0.44")
-                elif name in expected:
-                    want = expected[name]
-                    if shape != list(want.shape):
-                        problems.append(f"{name} in {file} has shape {shape}, the model expects {list(want.shape)}")
-                    is_int8 = name.endswith(".weight") and module in int8
-                    if (dtype == "I8") != is_int8 or not (is_int8 or dtype in ("F16", "BF16", "F32", "F64")):
-                        problems.append(f"{name} in {file} has dtype {dtype}, the model expects "
-                                        f"{'I8' if is_int8 else 'a float'}")
-                elif name != "lm_head.weight":  # (a tied checkpoint's stray lm_head copy is ignored)
-                    hint = name.endswith(".SCB") and not int8
-                    problems.append(f"unexpected tensor {name} in {file}"
-                                    + (" (an 8-bit checkpoint, but config.json has no quantization_config)" * hint))
-    missing = [name for name in expected if name not in found]
-    if missing:
-        problems.append(f"missing tensors: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''} "
-                        f"({len(missing)} in all)")
-    if index is not None:
-        problems += [f"{name} listed in the index is in none of the files" for name in index if name not in found]
-    if problems:
-        raise ValueError(f"{path}: checkpoint does not match its config.json:\n  " + "\n  ".join(problems))
-
-# ----------------------------------------------------------------------------- generation
-
-
-class KVCache:
-    """Preallocated keys and values of every layer, plus which slots hold real tokens.
-
-    Slots fill left to right; a padded prompt occupies all its slots but its pad slots stay invalid, so left and
-    right padding both work. All state that changes per step is a tensor updated in place: no host syncs, fixed
-    addresses and shapes, so a decode step can be captured by torch.compile / CUDA graphs (as in gpt-fast)."""
-
-    def __init__(self, model, batch_size, max_len):
-        c, weight = model.config, model.model.embed_tokens.weight
-        shape = (c.num_hidden_layers, batch_size, c.num_key_value_heads, max_len, c.head_dim)
-        self.k = torch.zeros(shape, dtype=weight.dtype, device=weight.device)  # (L, B, KV, S, D)
-        self.v = torch.zeros(shape, dtype=weight.dtype, device=weight.device)  # (L, B, KV, S, D)
-        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=weight.device)  # slot has a token
-        self.next_slot = torch.zeros((), dtype=torch.long, device=weight.device)  # first free slot
-        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=weight.device)  # each row's next position
-        self.slots = None  # (T,) slots of the tokens being appended
-        for t in (self.k, self.v, self.valid, self.next_slot, self.next_pos):
-            torch._dynamo.mark_static_address(t)  # in-place updates at fixed addresses: no recompiles under compile
-
-    def append(self, valid):
-        """Claim slots for T new tokens per row (valid (B, T) bool); returns the attention mask and positions."""
-        T = valid.shape[1]
-        self.slots = self.next_slot + torch.arange(T, device=valid.device)  # (T,)
-        self.valid.index_copy_(1, self.slots, valid)
-        pos = self.next_pos[:, None] + (valid.cumsum(-1) - 1).clamp(min=0)  # (B, T)
-        self.next_pos += valid.sum(-1)
-        self.next_slot += T
-        return causal_padding_mask(self.valid, self.slots), pos
-
-    def update(self, layer, k, v):  # k, v (B, KV, T, D) -> the layer's whole cache (B, KV, S, D)
-        self.k[layer].index_copy_(2, self.slots, k)
-        self.v[layer].index_copy_(2, self.slots, v)
-        return self.k[layer], self.v[layer]
-
-
-def sample(logits, temperature=0.0, top_k=None, generator=None):
-    """(B, V) logits -> (B,) ids: argmax at temperature 0, else a draw from softmax(logits / temperature)
-    restricted to the top_k most likely tokens."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
-
-
-def decode_step(model, tokens, cache):
-    """One new token per row, (B, 1) ids -> (B, V) next-token logits. Fixed shapes and no host syncs."""
-    return model(tokens, cache=cache)[:, -1]
-
-
-def _static_cache(model, batch_size, max_len):
-    """One cache kept on the model and reused: a CUDA graph records fixed addresses, so a fresh cache per call
-    would re-record it. Lengths round up to 256 so that calls with different lengths share it."""
-    max_len = -(-max_len // 256) * 256
-    cache = getattr(model, "_static_kv_cache", None)
-    weight = model.model.embed_tokens.weight
-    if cache is None or (cache.k.shape[1], cache.k.shape[3]) != (batch_size, max_len) or cache.k.dtype != weight.dtype \
-            or cache.k.device != weight.device:
-        cache = model._static_kv_cache = KVCache(model, batch_size, max_len)
-    for t in (cache.valid, cache.next_slot, cache.next_pos):
-        t.zero_()  # stale keys and values may stay: invalid slots are masked
-    return cache
-
-
-@functools.cache
-def _compiled_decode_step():
-    return torch.compile(decode_step, mode="reduce-overhead", fullgraph=True)  # CUDA graphs: no launch overhead
-
-
-@torch.no_grad()
-def generate(model, input_ids, max_new_tokens, temperature=0.0, top_k=None, stop_ids=(), attention_mask=None,
-             pad_id=0, on_token=None, generator=None, compile=False):
-    """Continue each row of input_ids (B, T); returns (B, T + n), n <= max_new_tokens new tokens per row.
-
-    attention_mask (B, T) marks real tokens (1) and padding (0), on either side. A row that emits one of
-    stop_ids keeps that token and gets pad_id after it; generation ends early once every row has stopped.
-    on_token(tokens) sees each step's (B,) new tokens as they come (streaming); if it returns a (B,) bool tensor,
-    rows marked True stop as if they had emitted a stop id (stop strings, say). compile=True runs the decode
-    step through torch.compile with CUDA graphs (worth it on a GPU; the first call compiles)."""
-    B, T = input_ids.shape
-    device = input_ids.device
-    valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-    cache = _static_cache(model, B, T + max_new_tokens) if compile else KVCache(model, B, T + max_new_tokens)
-    h = model.hidden_states(input_ids, valid, cache)                     # (B, T, C)
-    last = (valid * torch.arange(T, device=device)).argmax(-1)            # each row's last real token
-    logits = model.lm_head(h[torch.arange(B, device=device), last])      # (B, V): lm_head on B rows, not B*T
-    stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    step = _compiled_decode_step() if compile else decode_step
-    new = []
-    for i in range(max_new_tokens):
-        drawn = sample(logits, temperature, top_k, generator)  # (B,)
-        token = torch.where(done, pad_id, drawn)  # (B,) finished rows get pad_id
-        new.append(token)
-        finished = on_token(token) if on_token is not None else None
-        if finished is not None:  # the callback's own stop rule, e.g. stop strings in the decoded text
-            done |= finished
-        if len(stop):
-            done |= torch.isin(token, stop)
-        if finished is not None or len(stop):
-            if done.all():  # the loop's only host sync, and only when there is something to stop on
-                break
-        if i + 1 < max_new_tokens:
-            # finished rows are fed their (ignored) draw, which is always a valid id, unlike pad_id may be
-            logits = step(model, drawn[:, None], cache).clone()  # clone: a CUDA graph reuses its output buffer
-    return torch.cat([input_ids, torch.stack(new, 1) if new else input_ids[:, :0]], dim=1)
