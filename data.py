@@ -4,6 +4,7 @@ The file follows one example through the pipeline, top to bottom:
   conventions  the five tags, the token roles, label -100 where nothing is graded, right padding with id 0.
   formats      chat  <|user|>\\n{user}\\n<|assistant|>\\n{assistant}\\n<|user|>\\n ... ending with <|user|>
                CoT   <|user|>\\n{prompt}\\n<|rationale|>\\n{rationale}\\n<|answer|>\\n{answer}\\n<|user|>
+               A system message has no tag: its text leads the first user turn, '{system}\\n\\n{user}'.
                `encode(record, tok)` tokenizes the whole string once and gives every token a role (tag, prompt,
                response, rationale, answer) and a target flag from the character offsets of that one encoding;
                `fit_length` drops (or cuts) examples longer than the sequence length.
@@ -13,13 +14,17 @@ The file follows one example through the pipeline, top to bottom:
                one data-parallel rank, in a seeded order per epoch, from any (epoch, step) on.
   tokenizer    `load_tokenizer(dir)` loads a Hugging Face `tokenizer.json` with `tokenizers` and adds the five
                tags as special tokens when missing; `len(tok)` is the number of embedding rows it needs.
-  readers      TinyCoT (prompt, rationale, target), reddit-instruct-curated (post_title, post_text,
-               comment_text), oasst2_curated (messages of {role, content}) as JSON Lines or a JSON array; the
-               schema is recognised from a row's keys. `load_dataset("a.jsonl,b.jsonl:1000", tok, seq_len)`
-               reads a mixture, samples ":N" rows with the seed, encodes and fits it to seq_len.
+  readers      TinyCoT (prompt, rationale, target) and CoT (prompt, rationale, answer), reddit-instruct-curated
+               (post_title, post_text, comment_text), messages of {role, content} (oasst2, TRL, axolotl),
+               ShareGPT (conversations of {from, value}), alpaca (instruction, input, output) and
+               prompt/completion, as JSON Lines or a JSON array; the schema is recognised from a row's keys.
+               `load_dataset("a.jsonl,b.jsonl:1000", tok, seq_len)` reads a mixture, samples ":N" rows with the
+               seed, encodes and fits it to seq_len; `read_eval_set` reads a held-out one, `overlap` finds its
+               records that training holds too.
   embedded     `embedded_dataset(seed, n_train, n_eval, digits)`: synthetic chain-of-thought addition plus short
                chat pairs, held-out problems, and a small BPE tokenizer trained here and cached on disk.
-  show         `render(ex, tok, item)` and `python data.py show SPEC`: the text with labels and masks marked.
+  show         `render(ex, tok, item)` and `python data.py show SPEC`: the text with labels and masks marked;
+               `python data.py check SPEC`: per file, the schemas, bad rows, lengths, duplicates, what would train.
   files        what reading and writing share: `atomic_write` (a file appears whole or not at all, with the
                umask's mode), `read_text`, `json_lines` and `read_json_objects` (errors name the file and line).
   download     `python data.py download NAME|all --out DIR` through the dataset viewer's /rows API (stdlib only).
@@ -28,7 +33,7 @@ The file follows one example through the pipeline, top to bottom:
                `strict_match`, `flexible_extract`, `normalize_gsm8k`, and `score_gsm8k` (accuracy and stderr).
   arc          the lm-evaluation-harness ARC task (25-shot log-likelihoods) without the model: `read_arc(path)`,
                `arc_contexts`, `arc_continuations`, `encode_pair` and `score_arc` (acc, acc_norm and stderr).
-  command line `python data.py show ...` and `python data.py download ...`.
+  command line `python data.py show ...`, `python data.py check ...` and `python data.py download ...`.
 
 Conventions other modules rely on: labels are aligned with input_ids (Hugging Face convention; the loss shifts
 them), -100 where there is no label; kl_mask is aligned the same way and marks the target positions before any
@@ -41,7 +46,9 @@ Sources: the ReMask-3B model card (huggingface.co/euclaise/ReMask-3B: the two pr
 0.1 and 0.1, sequence length 256, the three datasets); Masked Thought (Chen et al. 2024, arXiv 2403.02178) for
 random-token masking; the GPT-NeoX-20B tokenizer.json that stabilityai/stablelm-3b-4e1t ships (<|endoftext|> is
 id 0, no BOS); the dataset cards of euclaise/TinyCoT, euclaise/reddit-instruct-curated, sablo/oasst2_curated and
-openai/gsm8k; the Hugging Face dataset viewer API (huggingface.co/docs/dataset-viewer, the /rows endpoint);
+openai/gsm8k; the dataset formats of TRL (huggingface.co/docs/trl/dataset_formats), axolotl (docs/dataset-formats),
+FastChat's ShareGPT files and tatsu-lab/stanford_alpaca's alpaca_data.json; the Hugging Face dataset viewer API
+(huggingface.co/docs/dataset-viewer, the /rows endpoint);
 EleutherAI lm-evaluation-harness 0.4.13 (lm_eval/tasks/gsm8k/gsm8k.yaml version 3.0, api/samplers.py,
 api/task.py, filters/extraction.py, api/metrics.py, models/huggingface.py generate_until).
 """
@@ -61,6 +68,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -95,6 +103,7 @@ class DataError(ValueError):
 @dataclass
 class ChatRecord:
     turns: list  # [(user, assistant), ...] stripped, non-empty strings; the conversation starts with the user
+    system: str = ""  # a system message, stripped; the format has no tag for it, see with_system
 
 
 @dataclass
@@ -122,7 +131,8 @@ def _segments(record) -> list:
                 (ans, TAG, True), ("\n", TAG, True), (record.answer, ANSWER, True), ("\n", TAG, True),
                 (u, TAG, True)]
     segs = [(u, TAG, False)]
-    for user, assistant in record.turns:
+    for i, (user, assistant) in enumerate(record.turns):
+        user = with_system(record.system, user) if i == 0 else user
         segs += [("\n", TAG, False), (user, PROMPT, False), ("\n", TAG, False), (a, TAG, False),
                  ("\n", TAG, False), (assistant, RESPONSE, True), ("\n", TAG, True), (u, TAG, True)]
     return segs
@@ -132,10 +142,20 @@ def format_record(record) -> str:
     return "".join(text for text, _, _ in _segments(record))
 
 
-def chat_prompt(history: list, user: str) -> str:
-    """The prompt side of a chat turn: earlier (user, assistant) turns, then `user`, ending '<|assistant|>\\n'."""
-    start = format_record(ChatRecord(history)) if history else TAGS[0]
-    return f"{start}\n{user.strip()}\n{TAGS[1]}\n"
+def with_system(system: str, user: str) -> str:
+    """The first user turn's text with a system message before it. The card's chat format has no system tag,
+    so the system text leads the first user turn, a blank line between them: prompt, never graded. Training
+    (_segments), chat_prompt and the chat template a trained model ships all write it this way."""
+    return f"{system}\n\n{user}" if system else user
+
+
+def chat_prompt(history: list, user: str, system: str = "") -> str:
+    """The prompt side of a chat turn: earlier (user, assistant) turns, then `user`, ending '<|assistant|>\\n';
+    a system message leads the first user turn as in training."""
+    system = system.strip()
+    if history:
+        return f"{format_record(ChatRecord(history, system))}\n{user.strip()}\n{TAGS[1]}\n"
+    return f"{TAGS[0]}\n{with_system(system, user.strip())}\n{TAGS[1]}\n"
 
 
 def cot_prompt(prompt: str) -> str:
@@ -407,10 +427,29 @@ def load_tokenizer(path) -> Tokenizer:
 
 
 # ----------------------------------------------------------------------------- readers
-# Dataset rows of the three hub schemas -> records; a mixture spec -> encoded examples that fit.
+# Dataset rows -> records: the card's three datasets and the schemas that TRL, axolotl, litgpt and FastChat read,
+# recognised from a row's keys; a mixture spec -> encoded examples that fit.
 
 RESERVED = TAGS + (EOS,)  # strings that would tokenize as control ids inside content
-JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null",
+              dict: "object"}
+# Role spellings of `messages` (role: user/assistant/system) and ShareGPT (from: human/gpt/system), accepted in both
+ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
+
+
+def unreadable_json(e: Exception) -> str:
+    """Why valid JSON cannot be read, for the RecursionError or ValueError that json.loads raises beyond its
+    limits (a malformed text raises JSONDecodeError, reported with its position instead)."""
+    if isinstance(e, RecursionError):
+        return "JSON nested too deeply to read"
+    return f"a number longer than {sys.get_int_max_str_digits()} digits, more than Python reads"  # int()'s limit
+
+
+def _shown(value) -> str:
+    """A value as an error message shows it: a short string quoted, anything else by its JSON type."""
+    if isinstance(value, str):  # repr escapes newlines and lone surrogates: the message stays one printable line
+        return repr(value) if len(value) <= 40 else f"a {len(value)}-character string"
+    return f"a JSON {JSON_TYPES.get(type(value), 'value')}"
 
 
 def _text(row: dict, key: str, where: str = "", required: bool = True) -> str:
@@ -422,6 +461,11 @@ def _text(row: dict, key: str, where: str = "", required: bool = True) -> str:
     value = row[key]
     if not isinstance(value, str):
         raise DataError(f"field '{name}' must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON's "\ud800" escape decodes to half of a UTF-16 pair, not a character
+        raise DataError(f"field '{name}' contains a lone surrogate ({value[e.start]!r} at character {e.start}), "
+                        "not text") from None
     value = value.strip()  # the format puts its own newlines around every field
     if required and not value:
         raise DataError(f"field '{name}' is empty")
@@ -431,38 +475,96 @@ def _text(row: dict, key: str, where: str = "", required: bool = True) -> str:
     return value
 
 
-def parse_row(row) -> ChatRecord | CoTRecord:
-    """One dataset row -> ChatRecord or CoTRecord; the schema is recognised from the keys."""
+def _conversation(row: dict, key: str, role: str, content: str) -> ChatRecord:
+    """The list row[key] of {role, content} turns -> ChatRecord. Turns must alternate user, assistant, ...,
+    ending with the assistant. Two turns of one role in a row are refused, not merged: the card's format
+    alternates, and in practice a repeated role means a lost or duplicated turn; merging would train on a text
+    nobody wrote (--skip-bad counts such rows). A system message may come first, or as a top-level 'system'
+    field (as axolotl reads it), not both and nowhere else."""
+    turns = row[key]
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"field '{key}' must be a non-empty list of {{{role}, {content}}}")
+    system, texts = _text(row, "system", required=False), []
+    for i, turn in enumerate(turns):
+        where = f"{key}[{i}]."
+        if not isinstance(turn, dict):
+            raise DataError(f"{key}[{i}] must be an object with {role} and {content}")
+        if turn.get(role) is None:
+            raise DataError(f"missing field '{where}{role}'")
+        spelled = turn[role]
+        said = ROLES.get(spelled) if isinstance(spelled, str) else None
+        if said is None:
+            raise DataError(f"field '{where}{role}' is {_shown(spelled)}; expected user, assistant or system "
+                            "(ShareGPT's human and gpt too)")
+        if said == "system":
+            if i > 0:
+                raise DataError(f"field '{where}{role}' is 'system' after the conversation started; only the first "
+                                "turn may be a system message")
+            if system:
+                raise DataError(f"two system messages: a top-level 'system' field and {key}[0]")
+            if len(turns) == 1:
+                raise DataError(f"field '{where}{role}' is 'system' and no user turn follows it")
+            system = _text(turn, content, where, required=False)
+            continue
+        expected = ("user", "assistant")[len(texts) % 2]
+        if said != expected:
+            raise DataError(f"conversation does not alternate: {key}[{i}] is {spelled!r}, expected {expected!r}"
+                            " (it must go user, assistant, user, ...; two turns of one role are not merged)")
+        texts.append(_text(turn, content, where))
+    if len(texts) % 2:
+        raise DataError(f"conversation ends with a user message ({key}[{len(turns) - 1}]); "
+                        "it must end with the assistant")
+    return ChatRecord(list(zip(texts[::2], texts[1::2])), system)
+
+
+def _cot(answer: str):
+    """Reads a CoT row whose answer is in the field `answer`."""
+    return lambda row: CoTRecord(_text(row, "prompt"), _text(row, "rationale"), _text(row, answer))
+
+
+def _reddit(row: dict) -> ChatRecord:
+    title, body = _text(row, "post_title"), _text(row, "post_text", required=False)
+    return ChatRecord([(title + "\n" + body if body else title, _text(row, "comment_text"))])
+
+
+def _alpaca(row: dict) -> ChatRecord:
+    instruction, extra = _text(row, "instruction"), _text(row, "input", required=False)
+    return ChatRecord([(instruction + "\n\n" + extra if extra else instruction, _text(row, "output"))])
+
+
+# (name, the keys that identify it, row -> record). A row belongs to the first schema whose keys it holds, and
+# its other keys are ignored like any extra column: rows with a rationale are CoT before they are
+# prompt/completion, and a whole conversation (messages, conversations) wins over a single-turn pair.
+SCHEMAS = (
+    ("TinyCoT", {"prompt", "rationale", "target"}, _cot("target")),  # euclaise/TinyCoT
+    ("CoT", {"prompt", "rationale", "answer"}, _cot("answer")),
+    ("reddit-instruct", {"post_title", "comment_text"}, _reddit),  # euclaise/reddit-instruct-curated
+    ("messages", {"messages"}, lambda row: _conversation(row, "messages", "role", "content")),  # oasst2, TRL
+    ("ShareGPT", {"conversations"}, lambda row: _conversation(row, "conversations", "from", "value")),
+    ("alpaca", {"instruction", "output"}, _alpaca),
+    # TRL continues the prompt's text; here the pair is one chat turn, its completion the graded reply
+    ("prompt/completion", {"prompt", "completion"},
+     lambda row: ChatRecord([(_text(row, "prompt"), _text(row, "completion"))])),
+)
+
+
+def _schema(row) -> tuple:
+    """The SCHEMAS entry a row belongs to; DataError naming the keys seen when it fits none."""
     if not isinstance(row, dict):
         raise DataError(f"the row is a JSON {JSON_TYPES.get(type(row), 'value')}, expected an object")
-    if {"prompt", "rationale", "target"} <= row.keys():  # euclaise/TinyCoT
-        return CoTRecord(_text(row, "prompt"), _text(row, "rationale"), _text(row, "target"))
-    if {"post_title", "comment_text"} <= row.keys():  # euclaise/reddit-instruct-curated
-        title, body = _text(row, "post_title"), _text(row, "post_text", required=False)
-        return ChatRecord([(title + "\n" + body if body else title, _text(row, "comment_text"))])
-    if "messages" in row:  # sablo/oasst2_curated
-        messages = row["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise DataError("field 'messages' must be a non-empty list of {role, content}")
-        contents = []
-        for i, m in enumerate(messages):
-            where = f"messages[{i}]."
-            if not isinstance(m, dict):
-                raise DataError(f"messages[{i}] must be an object with role and content")
-            role = m.get("role")
-            if role not in ("user", "assistant"):
-                raise DataError(f"field '{where}role' is {role!r}; expected 'user' or 'assistant'")
-            expected = ("user", "assistant")[i % 2]
-            if role != expected:
-                raise DataError(f"conversation does not alternate: messages[{i}] is {role!r}, expected {expected!r}"
-                                " (it must go user, assistant, user, ...)")
-            contents.append(_text(m, "content", where))
-        if len(contents) % 2:
-            raise DataError(f"conversation ends with a user message (messages[{len(contents) - 1}]); "
-                            "it must end with the assistant")
-        return ChatRecord(list(zip(contents[::2], contents[1::2])))
-    raise DataError(f"unknown schema (keys {sorted(row)}); expected TinyCoT (prompt, rationale, target), "
-                    "reddit-instruct-curated (post_title, post_text, comment_text) or oasst2 (messages)")
+    for schema in SCHEMAS:
+        if schema[1] <= row.keys():
+            return schema
+    keys = sorted(row)
+    seen = ", ".join(map(repr, keys[:12])) + (f", ... {len(keys) - 12} more" if len(keys) > 12 else "")
+    raise DataError(f"unknown schema (keys [{seen}]); expected messages, conversations (ShareGPT), "
+                    "instruction/output (alpaca), prompt/completion, prompt/rationale/answer or target (CoT), "
+                    "post_title/comment_text (reddit-instruct)")
+
+
+def parse_row(row) -> ChatRecord | CoTRecord:
+    """One dataset row -> ChatRecord or CoTRecord; the schema is recognised from the keys (see SCHEMAS)."""
+    return _schema(row)[2](row)
 
 
 def _is_json_array(text: str) -> bool:
@@ -477,13 +579,15 @@ def _is_json_array(text: str) -> bool:
         json.loads(first)
     except json.JSONDecodeError:
         return True  # an array spread over lines
+    except (RecursionError, ValueError):
+        return False  # a first line beyond json.loads's limits: read as JSON Lines, which names that line
     return False  # a whole value, then more lines
 
 
-def read_records(path, skip_bad: bool = False):
-    """Read a JSON Lines file or a JSON array of rows -> (records, bad rows skipped, first bad message).
-    Without skip_bad the first bad row raises DataError naming file and line (or array item); a file without
-    a single good row raises DataError saying why."""
+def parse_rows(path) -> list:
+    """Read a JSON Lines file or a JSON array of rows -> (where, schema name, record) for each good row and
+    (where, None, message) for each bad one; where is 'path:line' or 'path[item i]', the message starts with it.
+    A file that cannot be read, is blank or is not valid JSON raises DataError."""
     path = Path(path).expanduser()
     text = read_text(path)
     if not text.strip():
@@ -493,43 +597,71 @@ def read_records(path, skip_bad: bool = False):
             rows = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: not valid JSON (line {e.lineno} column {e.colno}: {e.msg})") from None
+        except (RecursionError, ValueError) as e:
+            raise DataError(f"{path}: {unreadable_json(e)}") from None
         located = [(f"{path}[item {i}]", row, None) for i, row in enumerate(rows)]
     else:
         located = json_lines(path, text)
-    records, bad, first = [], 0, None
+    out = []
     for where, row, error in located:
         try:
             if error:
                 raise DataError(error)
-            records.append(parse_row(row))
+            name, _, parse = _schema(row)
+            out.append((where, name, parse(row)))
         except DataError as e:
-            message = f"{where}: {e}"
-            if not skip_bad:
-                raise DataError(message + " (--skip-bad skips such rows)") from None
-            bad, first = bad + 1, first or message
+            out.append((where, None, f"{where}: {e}"))
+    return out
+
+
+def read_records(path, skip_bad: bool = False):
+    """Read a JSON Lines file or a JSON array of rows -> (records, bad rows skipped, first bad message).
+    Without skip_bad the first bad row raises DataError naming file and line (or array item); a file without
+    a single good row raises DataError saying why."""
+    records, bad, first = [], 0, None
+    for _, name, result in parse_rows(path):
+        if name:
+            records.append(result)
+        elif not skip_bad:
+            raise DataError(result + " (--skip-bad skips such rows)")
+        else:
+            bad, first = bad + 1, first or result
     if not records:
         why = f"all {bad} rows are bad (first: {first})" if bad else "an empty JSON array, no rows"
-        raise DataError(f"{path}: {why}")
+        raise DataError(f"{Path(path).expanduser()}: {why}")
     return records, bad, first
 
 
-def read_mixture(spec: str, seed: int = 0, skip_bad: bool = False, log=print) -> list:
-    """`a.jsonl,b.jsonl:1000`: every row of a, 1000 rows of b sampled with the seed (kept in file order)."""
-    records = []
-    for i, part in enumerate(p.strip() for p in spec.split(",")):
+def mixture_parts(spec: str) -> list:
+    """`a.jsonl,b.jsonl:1000` -> [('a.jsonl', None), ('b.jsonl', 1000)]: each file and how many rows to draw."""
+    parts = []
+    for part in (p.strip() for p in spec.split(",")):
         if not part:
             raise DataError(f"empty entry in data spec {spec!r}")
         path, _, count = part.rpartition(":")
         path, count = (path, int(count)) if path and count.isdigit() else (part, None)
         if count == 0:
             raise DataError(f"{path}: the spec {part!r} asks for 0 rows (leave the file out instead)")
+        parts.append((path, count))
+    return parts
+
+
+def sample_rows(path: str, usable: int, count: int, seed: int, part: int) -> list:
+    """The indices, in file order, of `count` of a file's `usable` rows, drawn with the seed and the file's place
+    `part` in the spec."""
+    if count > usable:
+        raise DataError(f"{path}: the spec asks for {count} rows but the file has {usable} usable ones")
+    return sorted(random.Random(f"mixture:{seed}:{part}").sample(range(usable), count))
+
+
+def read_mixture(spec: str, seed: int = 0, skip_bad: bool = False, log=print) -> list:
+    """`a.jsonl,b.jsonl:1000`: every row of a, 1000 rows of b sampled with the seed (kept in file order)."""
+    records = []
+    for i, (path, count) in enumerate(mixture_parts(spec)):
         rows, bad, first = read_records(path, skip_bad)
         note = f", skipped {bad} bad rows (first: {first})" if bad else ""
         if count is not None:
-            if count > len(rows):
-                raise DataError(f"{path}: the spec asks for {count} rows but the file has {len(rows)} usable ones")
-            picked = sorted(random.Random(f"mixture:{seed}:{i}").sample(range(len(rows)), count))
-            rows = [rows[j] for j in picked]
+            rows = [rows[j] for j in sample_rows(path, len(rows), count, seed, i)]
             note += f", sampled {count}"
         log(f"{path}: {len(rows)} examples{note}")
         records += rows
@@ -542,6 +674,36 @@ def load_dataset(spec: str, tok: Tokenizer, seq_len: int, seed: int = 0, skip_ba
     encoded, dropped = fit_length(encode_many(read_mixture(spec, seed, skip_bad, log), tok), seq_len, truncate)
     log(describe_fit(len(encoded), dropped, seq_len, truncate))
     return encoded
+
+
+def read_eval_set(spec: str, tok: Tokenizer, seq_len: int, seed: int = 0, skip_bad: bool = False,
+                  log=print) -> list:
+    """Held-out records from a mixture spec of any schema, for a run's held-out metrics: the teacher-forced loss
+    on all of them, greedy exact match on those with an answer (CoTRecord). Records longer than seq_len are left
+    out, not cut: a cut example would measure something else than the file holds."""
+    records = read_mixture(spec, seed, skip_bad, log)
+    kept = [r for r, ex in zip(records, encode_many(records, tok)) if len(ex.ids) <= seq_len]
+    if not kept:
+        raise DataError(f"evaluation data {spec}: all {len(records)} records are longer than {seq_len} tokens")
+    answered = sum(isinstance(r, CoTRecord) for r in kept)
+    log(f"evaluation data {spec}: {len(kept)} records ({answered} with an answer for exact match); "
+        f"{len(records) - len(kept)} left out as longer than {seq_len} tokens")
+    return kept
+
+
+def overlap(train: list, held_out: list) -> list:
+    """Indices of the held-out records identical to a training record (the same formatted text): metrics on
+    them measure recall of the training data, not generalisation."""
+    seen = {format_record(r) for r in train}
+    return [i for i, r in enumerate(held_out) if format_record(r) in seen]
+
+
+def describe_overlap(shared: list, n_held_out: int) -> str:
+    """The log line for overlap's result."""
+    if not shared:
+        return f"no evaluation record is identical to a training record ({n_held_out} compared)"
+    return (f"warning: {len(shared)} of {n_held_out} evaluation records are identical to training records "
+            f"(the first is evaluation record {shared[0]})")
 
 
 # ----------------------------------------------------------------------------- embedded dataset
@@ -665,7 +827,8 @@ def embedded_dataset(seed: int = 0, n_train: int = 20000, n_eval: int = 200, dig
 
 
 # ----------------------------------------------------------------------------- rendering
-# `data.py show`: an example as text, with what training does to each token marked.
+# `data.py show`: an example as text, with what training does to each token marked; `data.py check`: what
+# training would make of each file of a spec, before it runs.
 
 LEGEND = ("⟦…⟧ labels (graded); text outside them is input only.  ⟨x⟩ x is <|mask|> in the masked input, "
           "⟨x→y⟩ x is replaced by y.  Labels dropped by rationale label masking fall outside ⟦…⟧.")
@@ -699,6 +862,54 @@ def render(ex: Encoded, tok: Tokenizer, item: dict = None) -> str:
     head = (f"[{'cot' if ex.cot else 'chat'}: {len(ids)} tokens, {sum(y != IGNORE_INDEX for y in labels)} labels"
             f" ({dropped} dropped), {n_mask} of {maskable} maskable inputs masked]")
     return head + "\n" + "".join(out)
+
+
+def check_data(spec: str, tok: Tokenizer, seq_len: int, seed: int = 0, skip_bad: bool = False,
+               truncate: bool = False, log=print) -> int:
+    """`data.py check`: per file of a mixture spec, what training would make of it: rows and the schemas they
+    were read as, bad rows (the first one quoted), tokens per example, what seq_len drops or cuts, the share of
+    target tokens, and rows identical to an earlier one (in any file of the spec). Returns how many examples
+    would train; DataError when none would (a bad row stops training unless skip_bad)."""
+    total, bad_total, seen = 0, 0, {}
+    for i, (path, count) in enumerate(mixture_parts(spec)):
+        rows = parse_rows(path)
+        good = [(where, name, record) for where, name, record in rows if name]
+        bad = [message for _, name, message in rows if not name]
+        bad_total += len(bad)
+        schemas = ", ".join(f"{name} {n}" for name, n in Counter(name for _, name, _ in good).most_common())
+        log(f"{path}: {len(rows)} rows: {schemas or 'none usable'}" + (f"; {len(bad)} bad" if bad else ""))
+        if bad:
+            log(f"  first bad row: {bad[0]}")
+        if count is not None:
+            good = [good[j] for j in sample_rows(path, len(good), count, seed, i)]
+            log(f"  the spec draws {count} of the {len(rows) - len(bad)} usable rows")
+        if not good:
+            continue
+        examples = encode_many([record for _, _, record in good], tok)
+        lengths = np.array([len(ex.ids) for ex in examples])
+        kept, dropped = fit_length(examples, seq_len, truncate)
+        cut = int((lengths > seq_len).sum()) - dropped if truncate else 0
+        targets = sum(int(ex.targets.sum()) for ex in kept) / max(sum(len(ex.ids) for ex in kept), 1)
+        log(f"  tokens per example: min {lengths.min()}, median {np.median(lengths):g}, max {lengths.max()}")
+        log(f"  {describe_fit(len(kept), dropped, seq_len, truncate)}" + (f"; {cut} cut" if truncate else ""))
+        log(f"  target tokens: {100 * targets:.1f}% of the kept examples' tokens")
+        repeats = []
+        for where, _, record in good:
+            text = format_record(record)
+            if text in seen:
+                repeats.append((where, seen[text]))
+            else:
+                seen[text] = where
+        if repeats:
+            log(f"  duplicates: {len(repeats)} rows identical to an earlier row (the first: {repeats[0][0]} "
+                f"repeats {repeats[0][1]})")
+        total += len(kept)
+    if bad_total and not skip_bad:
+        raise DataError(f"nothing would train: {bad_total} bad rows stop training (--skip-bad skips them)")
+    if not total:
+        raise DataError(f"nothing would train: no example of {spec} is usable within {seq_len} tokens")
+    log(f"would train on {total} examples")
+    return total
 
 
 # ----------------------------------------------------------------------------- files
@@ -757,6 +968,8 @@ def json_lines(path: Path, text: str) -> list:
                 rows.append((f"{path}:{n}", json.loads(line), None))
             except json.JSONDecodeError as e:
                 rows.append((f"{path}:{n}", None, f"malformed JSON ({e.msg} at column {e.colno})"))
+            except (RecursionError, ValueError) as e:  # valid JSON, but beyond what Python reads
+                rows.append((f"{path}:{n}", None, unreadable_json(e)))
     return rows
 
 
@@ -1225,7 +1438,7 @@ def score_arc(loglikelihoods: list, questions: list) -> dict:
 
 
 # ----------------------------------------------------------------------------- command line
-# `python data.py show ...` and `python data.py download ...`, behind one error boundary.
+# `python data.py show ...`, `python data.py check ...` and `python data.py download ...`, behind one error boundary.
 
 def _show(args):
     if args.spec == "embedded":
@@ -1246,6 +1459,15 @@ def _show(args):
         item = mask_example(examples[index], tok, cfg, args.seed, args.epoch, index)
         print(f"\n--- example {index} (mode {cfg.mode}, seed {args.seed}, epoch {args.epoch}) "
               + render(examples[index], tok, item))
+
+
+def _check(args):
+    if not args.tokenizer:
+        raise DataError("check needs --tokenizer MODEL_DIR (token counts depend on it)")
+    tok = load_tokenizer(args.tokenizer)
+    if tok.added_tags:
+        print(f"(added to the tokenizer: {' '.join(tok.added_tags)}; {len(tok)} embedding rows needed)")
+    check_data(args.spec, tok, args.seq_len, args.seed, args.skip_bad, args.truncate)
 
 
 def _out_dir_problem(out: str):
@@ -1274,6 +1496,9 @@ def _flag_problem(args):
                   ("--seed", 0 <= args.seed < 2 ** 32, "must be in [0, 2**32)")]
         for flag in ("--input-mask", "--label-mask", "--answer-only"):
             checks.append((flag, 0 <= _flag_value(args, flag) <= 1, "must be a probability in [0, 1]"))
+    elif args.command == "check":
+        checks = [("--seq-len", args.seq_len >= 1, "must be >= 1"),
+                  ("--seed", 0 <= args.seed < 2 ** 32, "must be in [0, 2**32)")]
     else:
         url = urllib.parse.urlparse(args.endpoint)
         out_problem = _out_dir_problem(args.out)
@@ -1291,7 +1516,7 @@ def _fail(message: str, code: int):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="remask data: inspect training examples, download datasets")
+    parser = argparse.ArgumentParser(description="remask data: inspect and check training data, download datasets")
     sub = parser.add_subparsers(dest="command", required=True)
     show = sub.add_parser("show", help="print examples as the model is trained on them, labels and masks marked")
     show.add_argument("spec", help="a data file, a mixture spec (a.jsonl,b.jsonl:1000), or 'embedded'")
@@ -1308,6 +1533,14 @@ def main(argv=None):
     show.add_argument("--answer-only", type=float, default=MaskConfig.answer_only)
     show.add_argument("--mask-with", default=MaskConfig.mask_with, choices=["mask", "random"])
     show.add_argument("--digits", type=int, default=3, help="operand digits of the embedded task")
+    check = sub.add_parser("check", help="per data file: rows, schemas, bad rows, token counts, what --seq-len "
+                           "drops or cuts, duplicates; exit 1 when nothing would train")
+    check.add_argument("spec", help="a data file or a mixture spec (a.jsonl,b.jsonl:1000)")
+    check.add_argument("--tokenizer", help="model directory (or tokenizer.json) whose tokenizer counts the tokens")
+    check.add_argument("--seq-len", type=int, default=256, help="longer examples are dropped")
+    check.add_argument("--truncate", action="store_true", help="cut long examples instead of dropping them")
+    check.add_argument("--skip-bad", action="store_true", help="as training would skip (and count) bad rows")
+    check.add_argument("--seed", type=int, default=0, help="the seed that draws a spec's ':N' rows")
     get = sub.add_parser("download", help="fetch datasets through the Hugging Face dataset viewer API")
     get.add_argument("name", choices=[*DATASETS, *DATASET_GROUPS, "all"], help="arc: arc-challenge and arc-easy")
     get.add_argument("--out", default="data", help="output directory, made if missing (files: NAME.jsonl, "
@@ -1325,6 +1558,8 @@ def main(argv=None):
             _fail(problem, 2)
         if args.command == "show":
             _show(args)
+        elif args.command == "check":
+            _check(args)
         else:
             download(args.name, args.out, args.endpoint, args.retries, args.backoff, args.timeout, args.force)
     except KeyboardInterrupt:
