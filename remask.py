@@ -5,25 +5,31 @@ of the input replaced by a mask token and once on the full input, and minimises
 
     loss = 0.5 * (CE(masked) + CE(full)) + w * 0.5 * (KL(full || masked) + KL(masked || full))      (w = 0.1)
 
-so that the model predicts the same thing whether or not its context was corrupted. Read this file top to
-bottom:
+so that the model predicts the same thing whether or not its context was corrupted. The file is read top to
+bottom, in three parts:
 
-1. the objective: remask_loss_reference, the loss by definition in a dozen lines of plain torch; then the same
-   value and gradient computed chunk by chunk with an analytic gradient, so that no fp32 copy of the logits is
-   ever held (remask_loss, remask_loss_parts, cross_entropy, symmetric_kl);
-2. Lilith, the optimizer of the ReMask recipe, as euclaise's original code computes it;
-3. the one-cycle cosine learning-rate schedule (torch's OneCycleLR without cycle_momentum) as a pure function;
-4. training: TrainConfig (one --flag per field; defaults = the card's recipe, DEMO = the embedded CPU demo), one
-   training step (both ReMask passes in one forward of a 2B batch, bf16 autocast over fp32 master weights on a
-   GPU, gradients accumulated and normalised by the whole step's label tokens), the loop (nothing read back from
-   the GPU between log steps; a log line + metrics.jsonl per step and loss.svg), checkpoints (atomic, exact
-   --resume), under torchrun data parallelism (DDP) or sharded training (FSDP2: weights, gradients and
-   Lilith's state in 1/N slices per rank, sharded checkpoints with torch.distributed.checkpoint);
-5. held-out evaluation (greedy exact match, teacher-forced loss) and compare: every mode x several seeds on the
-   same data and schedule, evaluated during training, mean ± std and paired t intervals, results.json and an SVG;
-6. using a model: streamed generation, a terminal chat, and the GSM8K (5-shot, strict match) and ARC-Challenge
-   (25-shot, acc_norm) evaluations as lm-evaluation-harness scores them (prompts and metrics live in data.py);
-7. the command line: `python remask.py train|compare|generate|chat|eval --help`.
+Part I, from the loss to the loop (what a reader comes for):
+  1. the objective: remask_loss_reference, the loss by definition in a dozen lines of plain torch; then the public
+     functions (remask_loss_parts, remask_loss, cross_entropy, symmetric_kl), which compute the same value and
+     gradient chunk by chunk with an analytic gradient, so that no fp32 copy of the logits is ever held; then those
+     chunked internals, the memory/transfer helpers and the input checks;
+  2. Lilith, the optimizer of the ReMask recipe, as euclaise's original code computes it;
+  3. the one-cycle cosine learning-rate schedule (torch's OneCycleLR without cycle_momentum) as a pure function;
+  4. TrainConfig (one --flag per field, each checked where it is declared; defaults = the card's recipe, DEMO = the
+     embedded CPU demo);
+  5. one training step: both ReMask passes in one forward of a 2B batch, bf16 autocast over fp32 master weights on
+     a GPU, gradients accumulated and normalised by the whole step's label tokens;
+  6. train and its loop: set-up hands the loop one Run record; the loop reads nothing back from the GPU between log
+     steps, writes a log line + metrics.jsonl per log step and a checkpoint where asked.
+Part II, what the loop relies on: devices and accounting (MFU, memory), loading the model and the data,
+  checkpoints (atomic, verified, exact --resume), sharded training (FSDP2: weights, gradients and Lilith's state in
+  1/N slices per rank, sharded checkpoints with torch.distributed.checkpoint), signals, the run directory and the
+  run log (train.log, metrics.jsonl, loss.svg).
+Part III, beyond training: held-out evaluation (greedy exact match, teacher-forced loss); compare (every mode x
+  several seeds on the same data and schedule, mean ± std and paired t intervals, results.json and an SVG); using a
+  model (streamed generation, a terminal chat, GSM8K 5-shot strict match and ARC-Challenge 25-shot acc_norm as
+  lm-evaluation-harness scores them; prompts and metrics live in data.py); the command line:
+  `python remask.py train|compare|generate|chat|eval --help`.
 It brings model.py (StableLM), data.py (tokenizer, formats, masking) and quantize.py (LLM.int8) together.
 
 Deliberately left out: temperature in the KL (the card uses 1), a fused matmul + loss kernel (the logits are
@@ -60,14 +66,12 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from html import escape
 from pathlib import Path
-from typing import NamedTuple, Optional, Union
-
+from typing import Callable, NamedTuple, Optional, Union
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-
 from data import (ARC_FEWSHOT, ARC_SEED, GSM8K_MAX_NEW_TOKENS, GSM8K_STOP, IGNORE_INDEX, MODES, PAD_ID, CoTRecord,
                   DataError, Loader, MaskConfig, Tokenizer, addition_cot, arc_contexts, arc_continuations,
                   atomic_write, chat_prompt, collate, cot_prompt, cut_at_stop, describe_fit, embedded_dataset,
@@ -75,6 +79,13 @@ from data import (ARC_FEWSHOT, ARC_SEED, GSM8K_MAX_NEW_TOKENS, GSM8K_STOP, IGNOR
                   gsm8k_prompts, load_tokenizer, mask_example, read_arc, read_gsm8k, read_mixture, round_up, score_arc,
                   score_gsm8k)
 from model import CONFIGS, Config, StableLM, generate, recover_directory, write_directory
+
+# =============================================================================
+# Part I. From the loss to the loop: what ReMask computes and how one run trains
+# The objective, the optimizer and the schedule of the recipe, the run's configuration, one optimizer step and
+# the loop. Everything the loop calls but does not define is in Part II.
+# =============================================================================
+
 
 # ----------------------------------------------------------------------------- objective: the definition
 # Labels follow the Hugging Face convention: labels[:, t] is the token at position t, so logits[:, t] are graded
@@ -110,153 +121,11 @@ def remask_loss_reference(logits_masked: torch.Tensor, logits_full: torch.Tensor
     kl = (0.5 * (kl_masked_full + kl_full_masked) * on_kl).sum() / on_kl.sum().clamp(min=1)
     return LossParts(0.5 * (ce_masked + ce_full) + kl_weight * kl, ce_masked, ce_full, kl)
 
+# ----------------------------------------------------------------------------- objective: the public functions
+# The same value and gradient as the definition, without an fp32 copy of the logits: the functions people call.
 
-# ----------------------------------------------------------------------------- objective: chunked
-# The same value and gradient without an fp32 copy of the logits. The gradient of each position has a closed
-# form (_ChunkedObjective's docstring), so forward computes value and gradient together, a chunk of positions
-# at a time in fp32, and keeps only the gradient, in the logits' dtype; backward hands it over.
-
-# Logits per fp32 chunk (positions x vocabulary): 128 positions at StableLM's V = 50304, ~6 fp32 (128, V)
-# buffers live (154 MB); a small vocabulary takes more positions at once, since per-chunk overhead then costs
-# more than memory (128-position chunks slowed a V = 128 CPU step by ~10%).
-CHUNK_ELEMENTS = 128 * 50304
 
 Count = Union[int, float, torch.Tensor]
-
-
-class _ChunkedObjective(torch.autograd.Function):
-    """loss = w_masked * sum CE(masked) / n_labels + w_full * sum CE(full) / n_labels + w_kl * sum D / n_kl.
-
-    For one position (a row of V logits): p = softmax(masked logits), q = softmax(full logits), y = the label,
-    d = log p - log q, KL(p||q) = sum_v p * d, KL(q||p) = -sum_v q * d, D = 0.5 * (KL(p||q) + KL(q||p)). Then
-
-        cross-entropy part   dCE(masked)/d masked = p - onehot(y)        dCE(full)/d full = q - onehot(y)
-        KL part              dD/d masked = 0.5 * (p * (1 + d - KL(p||q)) - q)
-                             dD/d full   = 0.5 * (q * (1 - d - KL(q||p)) - p)
-
-    (d/d masked of KL(p||q) = p * (d - KL(p||q)): a change of p weighs d, while sum_v p * dlog p = 0; and
-    d/d masked of KL(q||p) = p - q, as for a cross-entropy against the soft label q.) A position's gradient is
-    its CE weight times the cross-entropy part plus its KL weight times the KL part (_pass_grad).
-    """
-
-    @staticmethod
-    def forward(ctx, logits_masked, logits_full, full_offset, batch_idx, pos_idx, targets, on_kl,
-                n_labels, n_kl, w_masked, w_full, w_kl, chunk_tokens):
-        # logits_masked/full: (B, T, V), or one (2B, T, V) twice (full_offset = B: the full pass is rows B..2B);
-        # logits_full is None for a cross-entropy alone. batch_idx, pos_idx, targets, on_kl: (R,) the positions.
-        need_masked = ctx.needs_input_grad[0]
-        need_full = logits_full is not None and ctx.needs_input_grad[1]
-        ctx.stacked = full_offset > 0
-        grad_masked, grad_full = _grad_buffers(logits_masked, logits_full, ctx.stacked, need_masked, need_full)
-        # per-position weights; D's 0.5 is folded into the KL one
-        weights = (w_masked / n_labels, w_full / n_labels, 0.5 * w_kl / n_kl)
-        sums = torch.zeros(3, dtype=n_labels.dtype, device=logits_masked.device)  # sum CE(masked), CE(full), D
-        for start in range(0, batch_idx.numel(), chunk_tokens):
-            chunk = slice(start, start + chunk_tokens)
-            rows, cols = batch_idx[chunk], pos_idx[chunk]
-            chunk_sums, g_masked, g_full = _chunk(logits_masked, logits_full, rows, rows + full_offset, cols,
-                                                  targets[chunk], on_kl[chunk], *weights,
-                                                  need_masked, need_full)
-            sums[:len(chunk_sums)] += torch.stack(chunk_sums)
-            if need_masked:
-                grad_masked[rows, cols] = g_masked
-            if need_full:
-                grad_full[rows + full_offset, cols] = g_full
-        ctx.save_for_backward(grad_masked, None if ctx.stacked else grad_full)
-        ctx.applied_scale = None  # the grad_loss that backward has scaled the saved gradients by
-        ce_masked, ce_full, kl = sums[0] / n_labels, sums[1] / n_labels, sums[2] / n_kl
-        loss = w_masked * ce_masked + w_full * ce_full + w_kl * kl
-        ctx.mark_non_differentiable(ce_masked, ce_full, kl)
-        return loss, ce_masked, ce_full, kl
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss, *_):
-        return (*_scaled_saved_grads(ctx, grad_loss),) + (None,) * 11
-
-
-def _chunk(logits_masked, logits_full, rows_masked, rows_full, cols, y, on_kl, w_ce_masked, w_ce_full, w_kl,
-           need_masked, need_full):
-    """One chunk of n positions: the sums of CE(masked), CE(full) and D, and the gradients of the two passes'
-    logits there, (n, V) in the logits' dtype. A function of its own so that the chunk's fp32 buffers die on
-    return, before the next chunk allocates."""
-    compute = torch.promote_types(logits_masked.dtype, torch.float32)
-    has_y = y != IGNORE_INDEX  # (n,)
-    y_col = y.clamp(min=0).unsqueeze(1)  # (n, 1) gather index; unlabelled rows are zeroed through has_y
-    log_p = _log_softmax(logits_masked[rows_masked, cols], compute)  # (n, V)
-    sums = [torch.where(has_y, -log_p.gather(1, y_col).squeeze(1), 0).sum()]
-    p = log_p.exp()  # (n, V)
-    ce_weight_masked = w_ce_masked * has_y  # (n,) CE weight of each row
-    if logits_full is None:  # cross-entropy alone
-        if not need_masked:
-            return sums, None, None
-        grad = p.mul_(ce_weight_masked[:, None]).scatter_add_(1, y_col, -ce_weight_masked[:, None])  # (n, V)
-        return sums, grad.to(logits_masked.dtype), None  # the cross-entropy part, computed in p's buffer
-    log_q = _log_softmax(logits_full[rows_full, cols], compute)  # (n, V)
-    sums.append(torch.where(has_y, -log_q.gather(1, y_col).squeeze(1), 0).sum())
-    q = log_q.exp()  # (n, V)
-    d = log_p.sub_(log_q)  # (n, V) log p - log q, in log p's buffer
-    del log_q
-    kl_pq = torch.einsum("nv,nv->n", p, d)  # (n,) KL(p||q), a row dot product without an (n, V) temporary
-    kl_qp = -torch.einsum("nv,nv->n", q, d)  # (n,) KL(q||p)
-    sums.append((0.5 * (kl_pq + kl_qp) * on_kl).sum())
-    kl_weight = w_kl * on_kl  # (n,) KL weight of each row
-    grad_masked = grad_full = None
-    if need_masked:
-        kl_factor = (1 - kl_pq)[:, None] + d  # (n, V) 1 + d - KL(p||q)
-        grad_masked = _pass_grad(p, q, kl_factor, ce_weight_masked, kl_weight, y_col).to(logits_masked.dtype)
-        del kl_factor  # it holds the fp32 gradient: freed before the full pass allocates its own
-    if need_full:
-        kl_factor = (1 - kl_qp)[:, None] - d  # (n, V) 1 - d - KL(q||p)
-        ce_weight_full = w_ce_full * has_y  # (n,)
-        grad_full = _pass_grad(q, p, kl_factor, ce_weight_full, kl_weight, y_col).to(logits_masked.dtype)
-    return sums, grad_masked, grad_full
-
-
-def _log_softmax(logits_rows, compute):
-    """log softmax of (n, V) gathered rows in fp32; the gather copied them, so the ops can be in place."""
-    log_p = logits_rows.to(compute)  # (n, V)
-    return log_p.sub_(torch.logsumexp(log_p, dim=1, keepdim=True))
-
-
-def _pass_grad(own, other, kl_factor, ce_weight, kl_weight, y_col):
-    """The gradient of one pass's logits, (n, V) fp32, for own = its softmax, other = the other pass's:
-
-        ce_weight * (own - onehot(y))  +  kl_weight * (own * kl_factor - other)
-        cross-entropy part                KL part (kl_factor = 1 +- d - KL, see _ChunkedObjective)
-
-    summed in kl_factor's buffer: one (n, V) temporary, where writing the parts out would take three."""
-    grad = kl_factor.mul_(kl_weight[:, None]).add_(ce_weight[:, None]).mul_(own)  # own * (ce_w + kl_w * factor)
-    grad.addcmul_(other, kl_weight[:, None], value=-1)  # - kl_w * other
-    return grad.scatter_add_(1, y_col, -ce_weight[:, None])  # - ce_w * onehot(y)
-
-
-def _objective(logits_masked, logits_full, labels, kl_mask, w_masked, w_full, w_kl, num_tokens,
-               num_kl_positions, chunk_tokens, names=("logits_masked", "logits_full")):
-    """Check the inputs, select the graded positions (after the shift) and run the chunked objective."""
-    chunk_tokens = _check_inputs(logits_masked, logits_full, labels, kl_mask, chunk_tokens, names)
-    if num_tokens is not None and num_kl_positions is None and logits_full is not None:
-        if kl_mask is not None:
-            raise ValueError("with a kl_mask the KL positions are not the label tokens: pass num_kl_positions "
-                             "(the optimizer step's count of KL positions) along with num_tokens")
-        num_kl_positions = num_tokens
-    batch_idx, pos_idx, targets, on_kl = _select_positions(labels, kl_mask, logits_full is not None,
-                                                           logits_masked.device)  # (R,) each
-    compute = torch.promote_types(logits_masked.dtype, torch.float32)
-    # the batch's own counts, from the selection: it holds every labelled and every KL position
-    n_labels = _count("num_tokens", num_tokens, (targets != IGNORE_INDEX).sum(), logits_masked.device, compute)
-    n_kl = _count("num_kl_positions", num_kl_positions, on_kl.sum(), logits_masked.device, compute)
-    full_offset = 0
-    stacked = _stacked_halves(logits_masked, logits_full) if logits_full is not None else None
-    if stacked is not None:
-        logits_masked = logits_full = stacked  # (2B, T, V): the masked pass in rows [0, B), the full in [B, 2B)
-        full_offset = len(stacked) // 2
-    if not torch.is_grad_enabled():  # evaluation under no_grad: no gradient buffers (they follow requires_grad)
-        logits_masked = logits_masked.detach()
-        logits_full = None if logits_full is None else logits_full.detach()
-    return LossParts(*_ChunkedObjective.apply(
-        logits_masked, logits_full, full_offset, batch_idx, pos_idx, targets, on_kl.bool(), n_labels, n_kl,
-        float(w_masked), float(w_full), float(w_kl), chunk_tokens))
 
 
 def remask_loss_parts(logits_masked: torch.Tensor, logits_full: torch.Tensor, labels: torch.Tensor,
@@ -320,6 +189,168 @@ def symmetric_kl(logits_a: torch.Tensor, logits_b: torch.Tensor, mask: Optional[
     return _objective(logits_a, logits_b, nothing_graded, mask, 0.0, 0.0, 1.0, None, num_positions,
                       chunk_tokens, names=("logits_a", "logits_b")).loss
 
+# ----------------------------------------------------------------------------- objective: chunked
+# The same value and gradient without an fp32 copy of the logits. The gradient of each position has a closed
+# form (_ChunkedObjective's docstring), so forward computes value and gradient together, a chunk of positions
+# at a time in fp32, and keeps only the gradient, in the logits' dtype; backward hands it over.
+
+# Logits per fp32 chunk (positions x vocabulary): 128 positions at StableLM's V = 50304, ~6 fp32 (128, V)
+# buffers live (154 MB); a small vocabulary takes more positions at once, since per-chunk overhead then costs
+# more than memory (128-position chunks slowed a V = 128 CPU step by ~10%).
+CHUNK_ELEMENTS = 128 * 50304
+
+
+class Positions(NamedTuple):
+    """The graded positions after the shift, (R,) each: where each one is (its row in the batch, its column), its
+    target (IGNORE_INDEX: none) and whether D counts it."""
+    rows: torch.Tensor
+    cols: torch.Tensor
+    targets: torch.Tensor
+    on_kl: torch.Tensor  # bool
+
+    def chunk(self, start: int, size: int) -> "Positions":
+        return Positions(*(t[start:start + size] for t in self))
+
+
+class Weights(NamedTuple):
+    """What multiplies CE(masked), CE(full) and D: in the loss, or per position once divided by their counts."""
+    masked: float | torch.Tensor
+    full: float | torch.Tensor
+    kl: float | torch.Tensor
+
+
+def _objective(logits_masked, logits_full, labels, kl_mask, w_masked, w_full, w_kl, num_tokens,
+               num_kl_positions, chunk_tokens, names=("logits_masked", "logits_full")):
+    """Check the inputs, select the graded positions (after the shift) and run the chunked objective."""
+    chunk_tokens = _check_inputs(logits_masked, logits_full, labels, kl_mask, chunk_tokens, names)
+    if num_tokens is not None and num_kl_positions is None and logits_full is not None:
+        if kl_mask is not None:
+            raise ValueError("with a kl_mask the KL positions are not the label tokens: pass num_kl_positions "
+                             "(the optimizer step's count of KL positions) along with num_tokens")
+        num_kl_positions = num_tokens
+    batch_idx, pos_idx, targets, on_kl = _select_positions(labels, kl_mask, logits_full is not None,
+                                                           logits_masked.device)  # (R,) each
+    positions = Positions(batch_idx, pos_idx, targets, on_kl.bool())
+    compute = torch.promote_types(logits_masked.dtype, torch.float32)
+    # the batch's own counts, from the selection: it holds every labelled and every KL position
+    n_labels = _count("num_tokens", num_tokens, (targets != IGNORE_INDEX).sum(), logits_masked.device, compute)
+    n_kl = _count("num_kl_positions", num_kl_positions, on_kl.sum(), logits_masked.device, compute)
+    full_offset = 0
+    stacked = _stacked_halves(logits_masked, logits_full) if logits_full is not None else None
+    if stacked is not None:
+        logits_masked = logits_full = stacked  # (2B, T, V): the masked pass in rows [0, B), the full in [B, 2B)
+        full_offset = len(stacked) // 2
+    if not torch.is_grad_enabled():  # evaluation under no_grad: no gradient buffers (they follow requires_grad)
+        logits_masked = logits_masked.detach()
+        logits_full = None if logits_full is None else logits_full.detach()
+    weights = Weights(float(w_masked), float(w_full), float(w_kl))
+    return LossParts(*_ChunkedObjective.apply(logits_masked, logits_full, full_offset, positions, (n_labels, n_kl),
+                                              weights, chunk_tokens))
+
+
+class _ChunkedObjective(torch.autograd.Function):
+    """loss = w_masked * sum CE(masked) / n_labels + w_full * sum CE(full) / n_labels + w_kl * sum D / n_kl.
+
+    For one position (a row of V logits): p = softmax(masked logits), q = softmax(full logits), y = the label,
+    d = log p - log q, KL(p||q) = sum_v p * d, KL(q||p) = -sum_v q * d, D = 0.5 * (KL(p||q) + KL(q||p)). Then
+
+        cross-entropy part   dCE(masked)/d masked = p - onehot(y)        dCE(full)/d full = q - onehot(y)
+        KL part              dD/d masked = 0.5 * (p * (1 + d - KL(p||q)) - q)
+                             dD/d full   = 0.5 * (q * (1 - d - KL(q||p)) - p)
+
+    (d/d masked of KL(p||q) = p * (d - KL(p||q)): a change of p weighs d, while sum_v p * dlog p = 0; and
+    d/d masked of KL(q||p) = p - q, as for a cross-entropy against the soft label q.) A position's gradient is
+    its CE weight times the cross-entropy part plus its KL weight times the KL part (_pass_grad).
+    """
+
+    @staticmethod
+    def forward(ctx, logits_masked, logits_full, full_offset, positions: Positions, counts, weights: Weights,
+                chunk_tokens):
+        # logits_masked/full: (B, T, V), or one (2B, T, V) twice (full_offset = B: the full pass is rows B..2B);
+        # logits_full is None for a cross-entropy alone. counts: (n_labels, n_kl), the sums' divisors.
+        need = (ctx.needs_input_grad[0], logits_full is not None and ctx.needs_input_grad[1])  # masked, full
+        ctx.stacked = full_offset > 0
+        grad_masked, grad_full = _grad_buffers(logits_masked, logits_full, ctx.stacked, *need)
+        n_labels, n_kl = counts
+        # per-position weights; D's 0.5 is folded into the KL one
+        per_position = Weights(weights.masked / n_labels, weights.full / n_labels, 0.5 * weights.kl / n_kl)
+        sums = torch.zeros(3, dtype=n_labels.dtype, device=logits_masked.device)  # sum CE(masked), CE(full), D
+        for start in range(0, positions.rows.numel(), chunk_tokens):
+            at = positions.chunk(start, chunk_tokens)
+            chunk_sums, g_masked, g_full = _chunk(logits_masked, logits_full, full_offset, at, per_position, need)
+            sums[:len(chunk_sums)] += torch.stack(chunk_sums)
+            if need[0]:
+                grad_masked[at.rows, at.cols] = g_masked
+            if need[1]:
+                grad_full[at.rows + full_offset, at.cols] = g_full
+        ctx.save_for_backward(grad_masked, None if ctx.stacked else grad_full)
+        ctx.applied_scale = None  # the grad_loss that backward has scaled the saved gradients by
+        ce_masked, ce_full, kl = sums[0] / n_labels, sums[1] / n_labels, sums[2] / n_kl
+        loss = weights.masked * ce_masked + weights.full * ce_full + weights.kl * kl
+        ctx.mark_non_differentiable(ce_masked, ce_full, kl)
+        return loss, ce_masked, ce_full, kl
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, *_):
+        return (*_scaled_saved_grads(ctx, grad_loss),) + (None,) * 5
+
+
+def _chunk(logits_masked, logits_full, full_offset, at: Positions, weights: Weights, need):
+    """One chunk of n positions `at`: the sums of CE(masked), CE(full) and D, and the gradients of the two passes'
+    logits there, (n, V) in the logits' dtype (need: whether each pass needs its gradient). weights: per position.
+    A function of its own so that the chunk's fp32 buffers die on return, before the next chunk allocates."""
+    rows_masked, rows_full, cols, y, on_kl = at.rows, at.rows + full_offset, at.cols, at.targets, at.on_kl
+    (w_ce_masked, w_ce_full, w_kl), (need_masked, need_full) = weights, need
+    compute = torch.promote_types(logits_masked.dtype, torch.float32)
+    has_y = y != IGNORE_INDEX  # (n,)
+    y_col = y.clamp(min=0).unsqueeze(1)  # (n, 1) gather index; unlabelled rows are zeroed through has_y
+    log_p = _log_softmax(logits_masked[rows_masked, cols], compute)  # (n, V)
+    sums = [torch.where(has_y, -log_p.gather(1, y_col).squeeze(1), 0).sum()]
+    p = log_p.exp()  # (n, V)
+    ce_weight_masked = w_ce_masked * has_y  # (n,) CE weight of each row
+    if logits_full is None:  # cross-entropy alone
+        if not need_masked:
+            return sums, None, None
+        grad = p.mul_(ce_weight_masked[:, None]).scatter_add_(1, y_col, -ce_weight_masked[:, None])  # (n, V)
+        return sums, grad.to(logits_masked.dtype), None  # the cross-entropy part, computed in p's buffer
+    log_q = _log_softmax(logits_full[rows_full, cols], compute)  # (n, V)
+    sums.append(torch.where(has_y, -log_q.gather(1, y_col).squeeze(1), 0).sum())
+    q = log_q.exp()  # (n, V)
+    d = log_p.sub_(log_q)  # (n, V) log p - log q, in log p's buffer
+    del log_q
+    kl_pq = torch.einsum("nv,nv->n", p, d)  # (n,) KL(p||q), a row dot product without an (n, V) temporary
+    kl_qp = -torch.einsum("nv,nv->n", q, d)  # (n,) KL(q||p)
+    sums.append((0.5 * (kl_pq + kl_qp) * on_kl).sum())
+    kl_weight = w_kl * on_kl  # (n,) KL weight of each row
+    grad_masked = grad_full = None
+    if need_masked:
+        kl_factor = (1 - kl_pq)[:, None] + d  # (n, V) 1 + d - KL(p||q)
+        grad_masked = _pass_grad(p, q, kl_factor, ce_weight_masked, kl_weight, y_col).to(logits_masked.dtype)
+        del kl_factor  # it holds the fp32 gradient: freed before the full pass allocates its own
+    if need_full:
+        kl_factor = (1 - kl_qp)[:, None] - d  # (n, V) 1 - d - KL(q||p)
+        ce_weight_full = w_ce_full * has_y  # (n,)
+        grad_full = _pass_grad(q, p, kl_factor, ce_weight_full, kl_weight, y_col).to(logits_masked.dtype)
+    return sums, grad_masked, grad_full
+
+
+def _log_softmax(logits_rows, compute):
+    """log softmax of (n, V) gathered rows in fp32; the gather copied them, so the ops can be in place."""
+    log_p = logits_rows.to(compute)  # (n, V)
+    return log_p.sub_(torch.logsumexp(log_p, dim=1, keepdim=True))
+
+
+def _pass_grad(own, other, kl_factor, ce_weight, kl_weight, y_col):
+    """The gradient of one pass's logits, (n, V) fp32, for own = its softmax, other = the other pass's:
+
+        ce_weight * (own - onehot(y))  +  kl_weight * (own * kl_factor - other)
+        cross-entropy part                KL part (kl_factor = 1 +- d - KL, see _ChunkedObjective)
+
+    summed in kl_factor's buffer: one (n, V) temporary, where writing the parts out would take three."""
+    grad = kl_factor.mul_(kl_weight[:, None]).add_(ce_weight[:, None]).mul_(own)  # own * (ce_w + kl_w * factor)
+    grad.addcmul_(other, kl_weight[:, None], value=-1)  # - kl_w * other
+    return grad.scatter_add_(1, y_col, -ce_weight[:, None])  # - ce_w * onehot(y)
 
 # ----------------------------------------------------------------------------- objective: memory and transfers
 # What keeps the chunked objective at 2.75x one bf16 logits tensor of extra peak memory and the host ahead of
@@ -393,7 +424,6 @@ def to_device(tensor, device):
         return tensor.to(device)
     return (tensor if tensor.is_pinned() else tensor.pin_memory()).to(device, non_blocking=True)
 
-
 # ----------------------------------------------------------------------------- objective: input checks
 
 
@@ -448,24 +478,9 @@ def _count(name, value, measured, device, dtype):
     # a step without any labelled position has zero sums, so dividing them by 1 gives 0, never NaN
     return torch.as_tensor(value, dtype=dtype, device=device).clamp(min=1)
 
-
 # ----------------------------------------------------------------------------- Lilith optimizer
 # The optimizer of the ReMask recipe, as euclaise wrote it: supertrainer2000, src/supertrainer2k/optim/lilith.py
 # at its final commit 8da52ce. tests/fixtures/lilith holds trajectories made by that code.
-
-
-def is_dtensor(tensor) -> bool:
-    """Whether tensor is a DTensor, a parameter sharded by FSDP2. Only a sharded run imports
-    torch.distributed.tensor (about a second of start-up that no other command should pay): before, there is none."""
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(tensor, module.DTensor)
-
-
-def whole_norm(tensor, dtype):
-    """The 2-norm of the whole tensor: of a DTensor over all its shards, not this rank's (a DTensor's norm is a
-    partial result; full_tensor() all-reduces it)."""
-    norm = torch.linalg.vector_norm(tensor, dtype=dtype)
-    return norm.full_tensor() if is_dtensor(norm) else norm
 
 
 def _state_dtype(param):
@@ -581,7 +596,6 @@ class Lilith(torch.optim.Optimizer):
                 if torch.is_tensor(value):
                     self.state[p][key] = value.to(device=p.device, dtype=_state_dtype(p), copy=True)
 
-
 # ----------------------------------------------------------------------------- one-cycle schedule
 # The learning rate of the recipe: the one-cycle policy (Smith & Topin, arXiv 1708.07120) with cosine
 # annealing, as torch.optim.lr_scheduler.OneCycleLR computes it (torch 2.13, torch/optim/lr_scheduler.py).
@@ -615,21 +629,29 @@ def one_cycle_lr(step: int, total_steps: int, max_lr: float, pct_start: float = 
     pct = (step - start_step) / (end_step - start_step)
     return end_lr + (start_lr - end_lr) / 2.0 * (math.cos(math.pi * pct) + 1)  # cosine from start_lr to end_lr
 
-
 # ----------------------------------------------------------------------------- training configuration
 PASSES = {"remask": 2, "masked-thought": 1, "sft": 1}  # forward passes per example (for the FLOP count)
 PARTS = {"remask": ("ce_masked", "ce_full", "kl"), "masked-thought": ("ce_masked",), "sft": ("ce_full",)}
 PRECISIONS = ("auto", "bf16", "fp32")  # --precision: auto is bf16 on CUDA, fp32 elsewhere
-# The checks of the numeric flags, by field: each error names its own flag
-AT_LEAST_ONE = {"seq_len", "micro_batch", "global_batch", "epochs", "log_every", "keep", "digits", "n_train"}
-NOT_NEGATIVE = {"max_steps", "save_every", "stop_at", "n_eval", "threads", "seed", "lr", "pct_start",
-                "weight_decay", "kl_weight"}
-PROBABILITIES = {"input_mask", "label_mask", "answer_only"}
 
 
-def _option(default, help, **argparse_extra):
-    """A dataclass field whose help text becomes its --flag's help: the dataclass is the one source of truth."""
-    return field(default=default, metadata={"help": help, **argparse_extra})
+class Valid(NamedTuple):
+    """The values a numeric flag accepts: holds(value) is true for them, `says` names them in the error."""
+    holds: Callable
+    says: str
+
+
+def at_least(low) -> Valid:
+    return Valid(lambda value: value >= low, f">= {low}")
+
+
+PROBABILITY = Valid(lambda value: 0 <= value <= 1, "a probability in [0, 1]")
+
+
+def _option(default, help, valid: Optional[Valid] = None, **argparse_extra):
+    """A dataclass field whose help text becomes its --flag's help and whose `valid` its check: the dataclass is
+    the one source of truth."""
+    return field(default=default, metadata={"help": help, "valid": valid, **argparse_extra})
 
 
 @dataclass
@@ -643,34 +665,42 @@ class TrainConfig:
                                       "train.log, metrics.jsonl, loss.svg")
     mode: str = _option("remask", "remask (masked + full pass, CE average + KL), masked-thought (masked pass only) "
                                   "or sft (full pass only)", choices=MODES)
-    seq_len: int = _option(256, "examples longer than this many tokens are dropped (or cut, --truncate)")
-    micro_batch: int = _option(16, "sequences per forward pass (remask runs 2x as many rows: masked + full)")
+    seq_len: int = _option(256, "examples longer than this many tokens are dropped (or cut, --truncate)",
+                           at_least(1))
+    micro_batch: int = _option(16, "sequences per forward pass (remask runs 2x as many rows: masked + full)",
+                               at_least(1))
     global_batch: int = _option(256, "sequences per optimizer step over all ranks; gradient accumulation = "
-                                     "global / (micro x ranks)")
-    epochs: int = _option(6, "passes over the training data")
-    max_steps: int = _option(0, "optimizer steps in all (the schedule spans them); 0: epochs x steps per epoch")
-    lr: float = _option(1e-5, "peak learning rate of Lilith's one-cycle cosine schedule")
-    pct_start: float = _option(0.3, "fraction of the steps spent rising to --lr")
-    weight_decay: float = _option(0.01, "Lilith's decoupled weight decay")
-    kl_weight: float = _option(0.1, "weight of the symmetric KL between the masked and the full pass (remask)")
-    input_mask: float = _option(MaskConfig.input_mask, "probability that a response/rationale input token is masked")
+                                     "global / (micro x ranks)", at_least(1))
+    epochs: int = _option(6, "passes over the training data", at_least(1))
+    max_steps: int = _option(0, "optimizer steps in all (the schedule spans them); 0: epochs x steps per epoch",
+                             at_least(0))
+    lr: float = _option(1e-5, "peak learning rate of Lilith's one-cycle cosine schedule",
+                        Valid(lambda lr: lr > 0, "> 0"))  # 0 would train nothing
+    pct_start: float = _option(0.3, "fraction of the steps spent rising to --lr", Valid(lambda pct: 0 <= pct < 1,
+                                                                                          "in [0, 1)"))
+    weight_decay: float = _option(0.01, "Lilith's decoupled weight decay", at_least(0))
+    kl_weight: float = _option(0.1, "weight of the symmetric KL between the masked and the full pass (remask)",
+                               at_least(0))
+    input_mask: float = _option(MaskConfig.input_mask, "probability that a response/rationale input token is "
+                                                       "masked", PROBABILITY)
     label_mask: float = _option(MaskConfig.label_mask, "probability that a rationale label is dropped (CoT "
-                                                       "examples, not sft)")
+                                                       "examples, not sft)", PROBABILITY)
     answer_only: float = _option(MaskConfig.answer_only, "probability that all rationale labels of a CoT example "
-                                                         "are dropped (not sft)")
+                                                         "are dropped (not sft)", PROBABILITY)
     mask_with: str = _option(MaskConfig.mask_with, "masked inputs become <|mask|> (mask) or a random token (random, "
                                                    "as Masked Thought)", choices=("mask", "random"))
-    seed: int = _option(0, "seed of the data order, the masks, the embedded data and a fresh model's weights")
+    seed: int = _option(0, "seed of the data order, the masks, the embedded data and a fresh model's weights",
+                        at_least(0))
     skip_bad: bool = _option(False, "skip (and count) data rows that fail to parse instead of stopping")
     truncate: bool = _option(False, "cut examples longer than --seq-len instead of dropping them")
     group_by_length: bool = _option(True, "sort each step's examples by length before cutting micro-batches: "
                                           "less padding, the same examples per step")
     arch: str = _option("debug", "model.py config of a fresh model (no --model); its vocabulary grows to the "
                                  "tokenizer's", choices=tuple(CONFIGS))
-    digits: int = _option(3, "embedded task: digits of each operand of the additions")
-    n_train: int = _option(20000, "embedded task: training examples")
+    digits: int = _option(3, "embedded task: digits of each operand of the additions", at_least(1))
+    n_train: int = _option(20000, "embedded task: training examples", at_least(1))
     n_eval: int = _option(0, "held-out problems for greedy exact match after training: the embedded task's own, "
-                             "or CoT rows held out of --data (0: no evaluation)")
+                             "or CoT rows held out of --data (0: no evaluation)", at_least(0))
     device: str = _option("auto", "cpu, cuda, cuda:1 ...; auto: the GPU if there is one (under torchrun: the "
                                   "local rank's)")
     parallel: str = _option("ddp", "under torchrun: ddp (a full replica per rank) or fsdp (weights, gradients and "
@@ -684,37 +714,29 @@ class TrainConfig:
     reduce_every_micro_batch: bool = _option(False, "under torchrun: reduce(-scatter) the gradients after every "
                                                     "micro-batch, not once a step: no whole fp32 gradient per rank "
                                                     "with --parallel fsdp (what fits the 12B), more communication")
-    threads: int = _option(0, "CPU threads per process; 0: the cores shared among this machine's ranks")
+    threads: int = _option(0, "CPU threads per process; 0: the cores shared among this machine's ranks",
+                           at_least(0))
     log_every: int = _option(1, "optimizer steps per log line; the loop syncs with the device only there and at "
-                                "checkpoints")
-    save_every: int = _option(100, "optimizer steps between checkpoints (0: only at the end)")
-    keep: int = _option(2, "checkpoints kept; older ones are deleted")
+                                "checkpoints", at_least(1))
+    save_every: int = _option(100, "optimizer steps between checkpoints (0: only at the end)", at_least(0))
+    keep: int = _option(2, "checkpoints kept; older ones are deleted", at_least(1))
     stop_at: int = _option(0, "stop with a checkpoint after this optimizer step, the schedule still spanning "
-                              "the whole run (0: run to the end)")
+                              "the whole run (0: run to the end)", at_least(0))
     resume: bool = _option(False, "continue exactly from the last checkpoint in --out")
     overwrite: bool = _option(False, "start over in an --out that holds checkpoints (they are deleted)")
 
     def __post_init__(self):
         for f in fields(self):  # every flag's own check, so that the error names it
-            value, flag = getattr(self, f.name), f"--{_flag(f.name)}"
+            value, flag, valid = getattr(self, f.name), f"--{_flag(f.name)}", f.metadata["valid"]
             if f.type is float and not math.isfinite(value):
                 raise ValueError(f"{flag} must be a finite number, got {value}")
-            if f.name in AT_LEAST_ONE and not value >= 1:
-                raise ValueError(f"{flag} must be >= 1, got {value}")
-            if f.name in NOT_NEGATIVE and not value >= 0:
-                raise ValueError(f"{flag} must be >= 0, got {value}")
-            if f.name in PROBABILITIES and not 0 <= value <= 1:
-                raise ValueError(f"{flag} must be a probability in [0, 1], got {value}")
+            if valid is not None and not valid.holds(value):
+                raise ValueError(f"{flag} must be {valid.says}, got {value}")
             if "choices" in f.metadata and value not in f.metadata["choices"]:
                 raise ValueError(f"{flag} must be one of {', '.join(f.metadata['choices'])}, got {value!r}")
-        if not self.lr > 0:
-            raise ValueError(f"--lr must be > 0, got {self.lr}")  # 0 would train nothing
-        if not self.pct_start < 1:
-            raise ValueError(f"--pct-start must be < 1, got {self.pct_start}")
 
     def mask_config(self) -> MaskConfig:
         return MaskConfig(self.mode, self.input_mask, self.label_mask, self.answer_only, self.mask_with)
-
 
 
 def _flag(name):
@@ -728,6 +750,7 @@ def _flag(name):
 # 1e-5 for a pretrained 3B one; with Lilith 1e-3 learned faster than 3e-3 (2 digits, 500 steps: 38% vs 2%).
 DEMO = dict(out="runs/demo", seq_len=128, micro_batch=32, global_batch=32, epochs=1, n_train=22400, lr=1e-3,
             digits=2, n_eval=200, log_every=50, save_every=250)
+
 
 # Fields that may differ on --resume: they change how the run executes, not what it computes (micro_batch
 # changes the order of float sums only; n_eval only the evaluation at the end).
@@ -745,7 +768,226 @@ def error_line(e: BaseException) -> str:
         return f"error: {e.filename}: {e.strerror}"
     return f"error: {e}"
 
-# ----------------------------------------------------------------------------- devices, ranks and accounting
+# ----------------------------------------------------------------------------- one training step
+
+
+def step_counts(batches, device) -> torch.Tensor:
+    """(2,) float: the step's label tokens and KL positions (after the shift), counted on the host from the
+    collated micro-batches, so that each micro-batch's loss is normalised by the whole step's count."""
+    labels = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+    kl = sum(int(b["kl_mask"][:, 1:].sum()) for b in batches)
+    return to_device(torch.tensor([labels, kl], dtype=torch.float32), device)
+
+
+def micro_step_loss(model, batch, mode, kl_weight, counts, device, autocast) -> tuple:
+    """Forward one collated micro-batch: (loss to backpropagate, (3,) detached ce_masked, ce_full, kl), both
+    normalised by the step's counts. Only the model runs under autocast: the loss does its own fp32 math."""
+    labels = batch["labels"]  # (B, T) stays on the host: the loss selects its positions there, without a sync
+    if mode == "remask":
+        ids = torch.cat([to_device(batch[k], device) for k in ("masked_ids", "input_ids")])  # (2B, T)
+        with autocast:
+            logits = model(ids)  # (2B, T, V): both passes in one forward (StableLM has no dropout: same math)
+        parts = remask_loss_parts(*logits.chunk(2), labels, kl_weight, kl_mask=batch["kl_mask"], num_tokens=counts[0],
+                                  num_kl_positions=counts[1])
+        return parts.loss, torch.stack([parts.ce_masked, parts.ce_full, parts.kl])
+    ids = to_device(batch["input_ids" if mode == "sft" else "masked_ids"], device)  # (B, T)
+    with autocast:
+        logits = model(ids)  # (B, T, V)
+    loss = cross_entropy(logits, labels, num_tokens=counts[0])
+    zero = torch.zeros((), device=device)
+    ce = loss.detach()
+    return loss, torch.stack([ce, zero, zero] if mode == "masked-thought" else [zero, ce, zero])
+
+
+def accumulate_gradients(runner, batches, mode, kl_weight, device, autocast, wrapper=None, world=1,
+                         reduce_every_micro_batch=False) -> tuple:
+    """Forward and backward every micro-batch of one optimizer step into .grad: (the step's loss, (3,) its parts),
+    on the device; wrapper: the DDP or FSDP2 module whose gradient sync waits for the last micro-batch (unless
+    reduce_every_micro_batch). Nothing is read back from the device (tests/test_train.py runs this on the meta
+    device, where any read fails): the host runs ahead and the GPU never waits for it."""
+    counts = step_counts(batches, device)
+    if world > 1:
+        dist.all_reduce(counts)  # the global step's counts: every rank normalises alike
+    loss_sum, part_sums = torch.zeros((), device=device), torch.zeros(3, device=device)
+    for i, batch in enumerate(batches):
+        # all-reduce (reduce-scatter) gradients once, after the last; until then each rank accumulates them whole
+        sync = wrapper is None or reduce_every_micro_batch or i == len(batches) - 1
+        if is_sharded(wrapper):
+            wrapper.set_requires_gradient_sync(sync)
+        with nullcontext() if sync or is_sharded(wrapper) else wrapper.no_sync():
+            loss, parts = micro_step_loss(runner, batch, mode, kl_weight, counts, device, autocast)
+            (loss * world if world > 1 else loss).backward()  # DDP/FSDP average over ranks; losses are global already
+        loss_sum += loss.detach()
+        part_sums += parts
+    return loss_sum, part_sums
+
+# ----------------------------------------------------------------------------- the training loop
+
+
+def train(cfg: TrainConfig, log=print, evaluate_untrained=True) -> dict:
+    """Run (or resume) one training run; returns its summary (also printed). Under torchrun every rank calls it."""
+    owns_group = not dist.is_initialized()  # a process group the caller started is the caller's to end
+    ranks, device = init_distributed(cfg.device)
+    run_log = RunLog(log, ranks.rank == 0)
+    try:
+        with _StopOnSignal(run_log) as stopper:
+            run = start_run(cfg, ranks, device, run_log, evaluate_untrained)
+            step, interrupted = training_loop(run, stopper, run_log)
+            return end_run(run, step, interrupted, stopper, run_log)
+    except (TrainError, DataError, ValueError, OSError) as e:
+        run_log.error(e)
+        raise
+    finally:
+        if owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def training_loop(run, stopper, log) -> tuple:
+    """Draw micro-batches -> accumulate gradients -> set lr -> optimizer step -> account, with a log line and a
+    checkpoint where asked, until the run's stop step or a signal; returns (the last step, whether interrupted)."""
+    cfg, model, optimizer, span = run.cfg, run.model, run.optimizer, run.span
+    totals, step, interrupted = Totals.zeros(run.device), span.start_step, False
+    stopper.in_loop = True
+    try:
+        while step < span.stop and not interrupted:
+            epoch, in_epoch = divmod(step, len(run.loader))
+            batches = run.loader.micro_batches(epoch, in_epoch)
+            loss, parts = accumulate_gradients(run.runner, batches, cfg.mode, cfg.kl_weight, run.device, run.autocast,
+                                               run.wrapper, run.ranks.world, cfg.reduce_every_micro_batch)
+            lr = one_cycle_lr(step, span.total, cfg.lr, cfg.pct_start)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            grad_norm = gradient_norm(model)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            totals.add(loss, parts, grad_norm, batches, cfg.mode, model.flops_per_token)
+
+            log_step, save_step, sync = sync_now(step, span.stop, cfg, stopper, run.ranks.world)
+            if not sync:
+                continue  # the host runs ahead: nothing is read back from the device between sync steps
+            seen = read_back(totals, model, stopper.requested, run.ranks.world)
+            check_finite(seen, totals.steps, step, run.last_saved)
+            interrupted = seen["interrupted"]
+            if log_step or interrupted:
+                log_metrics(run, run_metrics(seen, totals, step, epoch, lr, span, run.peak_flops, run.device,
+                                             cfg.mode), log)
+                totals = Totals.zeros(run.device)
+            if save_step or interrupted or step == span.stop:
+                run.last_saved = save(run, step)
+                log(f"saved {run.last_saved}")
+    except torch.OutOfMemoryError:
+        raise TrainError(out_of_memory(run, step)) from None
+    finally:
+        stopper.in_loop = False
+    return step, interrupted
+
+
+@dataclass
+class Run:
+    """One run as set-up hands it to the loop: what it trains, with what, on which data, and where it starts."""
+    cfg: TrainConfig
+    ranks: "Ranks"
+    device: torch.device
+    precision: str  # bf16 or fp32
+    autocast: object  # the context the model's forward runs in (bf16 autocast, or nothing)
+    tok: Tokenizer
+    held_out: list  # CoTRecords evaluated after the run
+    fingerprint: dict  # data_fingerprint of the training examples: every checkpoint holds it
+    model: StableLM  # fp32 master weights, whole or sharded (FSDP2)
+    optimizer: Lilith
+    runner: torch.nn.Module  # what the step calls: the model, or DDP of it, maybe compiled
+    wrapper: Optional[torch.nn.Module]  # the DDP or FSDP2 module whose gradient sync waits for the last micro-batch
+    loader: Loader
+    span: "Span"  # the schedule's steps, the step the run stops after, where it starts, and when
+    peak_flops: Optional[float]  # of all ranks, for MFU; None on an unknown device
+    last_saved: Optional[Path]  # the checkpoint resumed from, then the newest one saved
+    history: list  # the metrics of every log line (a resumed run: the checkpoint's run's, up to its step)
+    summary: dict  # what train() returns
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out)
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one that logs and writes whole files."""
+        return self.ranks.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        return is_sharded(self.model)
+
+    @property
+    def evaluates(self) -> bool:
+        """Who evaluates and writes the final model: rank 0, or every rank of a sharded model, in step (its weights
+        are gathered from all of them)."""
+        return self.main or self.sharded
+
+
+def start_run(cfg, ranks, device, log, evaluate_untrained) -> Run:
+    """Set-up: the run directory, the data, the model and optimizer, the position to start from."""
+    out, main = Path(cfg.out), ranks.rank == 0
+    previous = check_run_directory(cfg)
+    if main and previous:
+        log.start_file(out / "train.log")  # a resumed run's own log: its errors belong there too
+    log(f"remask train {' '.join(f'--{_flag(k)} {v}' for k, v in asdict(cfg).items() if v != '')}")
+    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // ranks.local_world))
+    precision = resolve_precision(cfg.precision, device)
+    tok = load_tokenizer_for(cfg, log)
+    examples, held_out = load_examples(cfg, tok, log)
+    fingerprint = data_fingerprint(examples)  # the data is part of the recipe: a resume must train on the same
+    resume_from = find_resume_checkpoint(out, log) if previous else None  # the newest intact checkpoint
+    sharded = cfg.parallel == "fsdp" and ranks.world > 1  # one process: nothing to shard
+    model, optimizer, start_step = model_and_optimizer(cfg, tok, resume_from, fingerprint, device, log, sharded)
+    runner, wrapper = wrap_for_training(model, cfg, ranks, device)
+    loader = training_loader(examples, tok, cfg, ranks)
+    if main:
+        claim_run_directory(cfg, previous, log)
+    if ranks.world > 1:
+        dist.barrier()  # the other ranks write nothing; rank 0 has made --out the run's
+    total = cfg.max_steps or len(loader) * cfg.epochs
+    log(f"StableLM {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device} "
+        f"({precision}), {ranks.world} rank(s); {len(loader)} steps per epoch, {total} steps of "
+        f"{min(cfg.global_batch, len(examples))} sequences, micro-batch {cfg.micro_batch}, mode {cfg.mode}; each log "
+        f"line: means over its steps")
+    summary = {"out": str(out), "total_steps": total}
+    if held_out and evaluate_untrained and not previous and (main or sharded):
+        summary["accuracy_untrained"] = untrained_accuracy(model, tok, held_out, device, precision, log)
+    history = history_until(out / "metrics.jsonl", start_step) if main and previous else []
+    peak = peak_flops(device, torch.bfloat16 if precision == "bf16" else torch.float32)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    span = Span(total, min(cfg.stop_at or total, total), start_step, time.perf_counter())
+    return Run(cfg, ranks, device, precision, _autocast(device, precision), tok, held_out, fingerprint, model,
+               optimizer, runner, wrapper, loader, span, peak * ranks.world if peak else None, resume_from, history,
+               summary)
+
+
+def end_run(run, step, interrupted, stopper, log) -> dict:
+    """The end: stopped early (a signal, --stop-at), or the final model and its evaluation. Returns the summary."""
+    summary = run.summary
+    summary.update(step=step, checkpoint=str(run.last_saved), seconds=time.perf_counter() - run.span.started,
+                   final_loss=run.history[-1]["loss"] if run.history else None)
+    if interrupted:
+        signum = stopper.signum or signal.SIGINT  # another rank's signal: this one saw none itself
+        summary.update(interrupted=True, exit_code=128 + signum)
+        log(f"interrupted at step {step}: --resume continues from {run.last_saved}")
+    elif step < run.span.total:
+        log(f"stopped at step {step} of {run.span.total} (--stop-at): --resume continues")
+    elif run.evaluates:
+        finish(run, log)
+    return summary
+
+
+
+# =============================================================================
+# Part II. What the loop relies on
+# Devices and accounting, loading the model and the data, checkpoints, sharded training, signals and the run log.
+# =============================================================================
+
+
+# ----------------------------------------------------------------------------- devices and accounting
 
 # dense bf16, NVIDIA's data sheets (not the sparse figures)
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -792,6 +1034,11 @@ def resolve_precision(name: str, device) -> str:
     return name
 
 
+def _autocast(device, precision):
+    # CPUs take bf16 autocast too: the GPU path (bf16 matmuls, fp32 master weights, bf16 logits) runs in tests
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+
 @dataclass
 class Ranks:
     rank: int = 0  # this process's index among all processes
@@ -813,7 +1060,105 @@ def init_distributed(device_name: str) -> tuple:
                                 device.type == "cuda" else None)
     return ranks, device
 
-# ----------------------------------------------------------------------------- model and data
+
+@dataclass
+class Totals:
+    """Sums over the steps since the last log line. The device tensors grow without a read-back; a log line shows
+    their means over those steps (the grad norm too: the mean of the steps' norms, not the last one)."""
+    loss: torch.Tensor
+    ce_masked: torch.Tensor
+    ce_full: torch.Tensor
+    kl: torch.Tensor
+    grad_norm: torch.Tensor
+    steps: int = 0
+    tokens: int = 0  # host counts: the batches' shapes are known without the device
+    flops: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+
+    @classmethod
+    def zeros(cls, device):
+        return cls(*torch.zeros(5, device=device).unbind())
+
+    def add(self, loss, parts, grad_norm, batches, mode, flops_per_token):
+        self.loss += loss
+        for total, part in zip((self.ce_masked, self.ce_full, self.kl), parts):
+            total += part
+        self.grad_norm += grad_norm
+        self.steps += 1
+        for batch in batches:
+            B, T = batch["input_ids"].shape
+            self.tokens += B * T
+            self.flops += PASSES[mode] * B * T * flops_per_token(T)
+
+
+class Span(NamedTuple):
+    """Where a run goes: the schedule's steps, the step it stops after, where it started and when."""
+    total: int
+    stop: int
+    start_step: int
+    started: float
+
+
+def sync_now(step, stop, cfg, stopper, world) -> tuple:
+    """Does this step read back from the device? (log, save): a log step (--log-every, the last step), a checkpoint
+    step (--save-every), and a stop signal: one process honours it at once, several agree at such a step."""
+    log_step = step % cfg.log_every == 0 or step == stop
+    save_step = bool(cfg.save_every) and step % cfg.save_every == 0
+    return log_step, save_step, log_step or save_step or (stopper.requested and world == 1)
+
+
+def read_back(totals, model, stop_requested, world) -> dict:
+    """The loop's one read-back: the sums since the last log line over all ranks, whether any rank was signalled,
+    and whether every weight is finite (non-finite weights must never become "the last good checkpoint")."""
+    finite = torch.stack([local(p).isfinite().all() for p in model.parameters()]).all()  # all-reduced below
+    device_sums = torch.stack([totals.loss, totals.ce_masked, totals.ce_full, totals.kl, totals.grad_norm])
+    host_sums = torch.tensor([totals.tokens, totals.flops, stop_requested], dtype=torch.float32,
+                             device=device_sums.device)
+    values = torch.cat([device_sums, host_sums, (~finite).float()[None]])
+    if world > 1:
+        dist.all_reduce(values)
+    loss, ce_masked, ce_full, kl, grad_norm, tokens, flops, signalled, not_finite = values.tolist()
+    # the losses are global already (normalised by the whole step's counts); the grad norm is every rank's
+    return dict(loss=loss, ce_masked=ce_masked, ce_full=ce_full, kl=kl, grad_norm=grad_norm / world, tokens=tokens,
+                flops=flops, interrupted=signalled > 0, finite=not_finite == 0)
+
+
+def gradient_norm(model) -> torch.Tensor:
+    """The 2-norm of the whole gradient (sharded: over every rank's slices, the same on every rank)."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    return norm.full_tensor() if is_dtensor(norm) else norm
+
+
+def check_finite(seen, steps, step, last_saved):
+    if math.isfinite(seen["loss"]) and seen["finite"]:
+        return
+    where = f"last good checkpoint: {last_saved}" if last_saved else "no checkpoint was saved yet"
+    what = f"loss is {seen['loss'] / steps}" if not math.isfinite(seen["loss"]) else "the weights are not finite"
+    raise TrainError(f"{what} at step {step} (or in the {steps} steps before it); stopping. {where} (resume it "
+                     f"with --resume, maybe with a lower --lr)")
+
+
+def out_of_memory(run, step) -> str:
+    """What to change when the GPU runs out of memory during the loop."""
+    cfg = run.cfg
+    return (f"out of GPU memory at step {step} with --micro-batch {cfg.micro_batch} (peak "
+            f"{peak_memory_gb(run.device):.1f} GB): use --micro-batch {max(cfg.micro_batch // 2, 1)} (gradient "
+            f"accumulation grows, the step stays the same) and/or --grad-checkpointing")
+
+
+def run_metrics(seen, totals, step, epoch, lr, span, peak_flops_all, device, mode) -> dict:
+    """A log line's metrics: the means over the steps since the last line, speed, memory and time left."""
+    now = time.perf_counter()
+    per_step = {name: seen[name] / totals.steps for name in ("loss", *PARTS[mode], "grad_norm")}
+    seconds = now - totals.started
+    return {"step": step, "total_steps": span.total, "epoch": epoch, "loss": per_step["loss"],
+            **{name: per_step[name] for name in PARTS[mode]}, "lr": lr, "grad_norm": per_step["grad_norm"],
+            "tokens_per_s": seen["tokens"] / seconds,
+            "mfu": seen["flops"] / seconds / peak_flops_all if peak_flops_all else None,
+            "peak_mem_gb": peak_memory_gb(device), "elapsed_s": now - span.started,
+            "eta_s": (now - span.started) / (step - span.start_step) * (span.stop - step)}
+
+# ----------------------------------------------------------------------------- loading the model and the data
 
 
 def load_model(cfg: TrainConfig, tok, log) -> StableLM:
@@ -880,58 +1225,52 @@ def load_examples(cfg: TrainConfig, tok, log) -> tuple:
             f"each step takes all {len(examples)} (one step per epoch)")
     return examples, held_out
 
-# ----------------------------------------------------------------------------- the training step
+
+def model_and_optimizer(cfg, tok, resume_from, fingerprint, device, log, sharded=False) -> tuple:
+    """(model, Lilith, first step): from a verified checkpoint (with its RNG states), or fresh; sharded: the model
+    is sharded over all ranks (--parallel fsdp), else whole."""
+    precision = resolve_precision(cfg.precision, device)
+    if resume_from is None:
+        model = load_model(cfg, tok, log)
+        model = (shard_model(model, device, precision) if sharded else model).to(device).train()
+        return model, Lilith(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay), 0
+    model, state = load_checkpoint(resume_from, cfg, device, fingerprint, sharded)
+    if len(tok) > model.config.vocab_size:
+        raise TrainError(f"--resume: {resume_from} has {model.config.vocab_size} vocabulary rows, the tokenizer "
+                         f"needs {len(tok)}")
+    model.to(device).train()
+    optimizer = Lilith(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if sharded:
+        load_sharded(resume_from, model, optimizer)
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+    restore_rng(state["rng"])
+    log(f"resumed from {resume_from} at step {state['step']}")
+    return model, optimizer, state["step"]
 
 
-def step_counts(batches, device) -> torch.Tensor:
-    """(2,) float: the step's label tokens and KL positions (after the shift), counted on the host from the
-    collated micro-batches, so that each micro-batch's loss is normalised by the whole step's count."""
-    labels = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-    kl = sum(int(b["kl_mask"][:, 1:].sum()) for b in batches)
-    return to_device(torch.tensor([labels, kl], dtype=torch.float32), device)
+def wrap_for_training(model, cfg, ranks, device) -> tuple:
+    """(runner, wrapper): what the step calls (DDP over ranks, then torch.compile) and the DDP or FSDP2 module
+    whose gradient sync accumulate_gradients defers, or None."""
+    model.gradient_checkpointing = cfg.grad_checkpointing
+    if is_sharded(model):
+        wrapper = runner = model  # sharded by model_and_optimizer: an FSDP2 model is its own wrapper
+    elif ranks.world == 1:
+        wrapper, runner = None, model
+    else:
+        wrapper = runner = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return (torch.compile(runner) if cfg.compile else runner), wrapper
 
 
-def micro_step_loss(model, batch, mode, kl_weight, counts, device, autocast) -> tuple:
-    """Forward one collated micro-batch: (loss to backpropagate, (3,) detached ce_masked, ce_full, kl), both
-    normalised by the step's counts. Only the model runs under autocast: the loss does its own fp32 math."""
-    labels = batch["labels"]  # (B, T) stays on the host: the loss selects its positions there, without a sync
-    if mode == "remask":
-        ids = torch.cat([to_device(batch[k], device) for k in ("masked_ids", "input_ids")])  # (2B, T)
-        with autocast:
-            logits = model(ids)  # (2B, T, V): both passes in one forward (StableLM has no dropout: same math)
-        parts = remask_loss_parts(*logits.chunk(2), labels, kl_weight, kl_mask=batch["kl_mask"], num_tokens=counts[0],
-                                  num_kl_positions=counts[1])
-        return parts.loss, torch.stack([parts.ce_masked, parts.ce_full, parts.kl])
-    ids = to_device(batch["input_ids" if mode == "sft" else "masked_ids"], device)  # (B, T)
-    with autocast:
-        logits = model(ids)  # (B, T, V)
-    loss = cross_entropy(logits, labels, num_tokens=counts[0])
-    zero = torch.zeros((), device=device)
-    ce = loss.detach()
-    return loss, torch.stack([ce, zero, zero] if mode == "masked-thought" else [zero, ce, zero])
-
-
-def accumulate_gradients(runner, batches, mode, kl_weight, device, autocast, wrapper=None, world=1,
-                         reduce_every_micro_batch=False) -> tuple:
-    """Forward and backward every micro-batch of one optimizer step into .grad: (the step's loss, (3,) its parts),
-    on the device; wrapper: the DDP or FSDP2 module whose gradient sync waits for the last micro-batch (unless
-    reduce_every_micro_batch). Nothing is read back from the device (tests/test_train.py runs this on the meta
-    device, where any read fails): the host runs ahead and the GPU never waits for it."""
-    counts = step_counts(batches, device)
-    if world > 1:
-        dist.all_reduce(counts)  # the global step's counts: every rank normalises alike
-    loss_sum, part_sums = torch.zeros((), device=device), torch.zeros(3, device=device)
-    for i, batch in enumerate(batches):
-        # all-reduce (reduce-scatter) gradients once, after the last; until then each rank accumulates them whole
-        sync = wrapper is None or reduce_every_micro_batch or i == len(batches) - 1
-        if is_sharded(wrapper):
-            wrapper.set_requires_gradient_sync(sync)
-        with nullcontext() if sync or is_sharded(wrapper) else wrapper.no_sync():
-            loss, parts = micro_step_loss(runner, batch, mode, kl_weight, counts, device, autocast)
-            (loss * world if world > 1 else loss).backward()  # DDP/FSDP average over ranks; losses are global already
-        loss_sum += loss.detach()
-        part_sums += parts
-    return loss_sum, part_sums
+def training_loader(examples, tok, cfg, ranks) -> Loader:
+    """This rank's share of every global batch. Several ranks drop the last partial batch so that all of them run
+    the same number of micro-batches (each one's backward joins the gradient all-reduce)."""
+    loader = Loader(examples, tok, cfg.mask_config(), cfg.global_batch, cfg.micro_batch, cfg.seed,
+                    cfg.group_by_length, ranks.rank, ranks.world, drop_last=ranks.world > 1)
+    if len(loader) == 0:
+        raise TrainError(f"{len(examples)} examples make no full --global-batch {cfg.global_batch} on "
+                         f"{ranks.world} ranks")
+    return loader
 
 # ----------------------------------------------------------------------------- checkpoints
 # out/checkpoints/step-000120/{model/ (Hugging Face directory, fp32, tokenizer.json), trainer.pt, checksums.json}.
@@ -1074,6 +1413,21 @@ def save_checkpoint(out, step, model, tok, optimizer, cfg, keep, data) -> Path:
     return final
 
 
+def save(run, step) -> Path:
+    """Checkpoint `step` of a run, whatever its parallelism: a sharded one by every rank together, a whole one by
+    rank 0 while the others wait. Returns the checkpoint (the others: the one before)."""
+    saved = run.last_saved
+    if run.sharded:
+        saved = save_sharded_checkpoint(run.out, step, run.model, run.optimizer, run.cfg, run.cfg.keep,
+                                        run.fingerprint)
+    elif run.main:
+        saved = save_checkpoint(run.out, step, run.model, run.tok, run.optimizer, run.cfg, run.cfg.keep,
+                                run.fingerprint)
+    if run.ranks.world > 1:
+        dist.barrier()
+    return saved
+
+
 def rotate_checkpoints(out, keep, newest):
     """Delete all but the keep - 1 checkpoints just before `newest`, the one just written (intact, and never
     deleted). Later steps are damaged leftovers --resume skipped: they are replaced when the run reaches them."""
@@ -1082,11 +1436,12 @@ def rotate_checkpoints(out, keep, newest):
         _remove_checkpoint(old)
 
 
-def load_checkpoint(path, cfg: TrainConfig, device, data, shards=0) -> tuple:
+def load_checkpoint(path, cfg: TrainConfig, device, data, sharded=False) -> tuple:
     """(model, trainer state) of a verified checkpoint, refusing one whose recipe (naming the field), training
-    data (data_fingerprint of this run's examples) or sharding (shards: ranks, 0 for a whole model) differ from
-    this run's. A sharded checkpoint's model is a sharded skeleton that load_sharded fills once Lilith is built."""
+    data (data_fingerprint of this run's examples) or sharding (sharded over all ranks, or whole) differ from this
+    run's. A sharded checkpoint's model is a sharded skeleton that load_sharded fills once Lilith is built."""
     path = Path(path)
+    shards = dist.get_world_size() if sharded else 0  # what trainer.pt records: the ranks, 0 for a whole model
     try:
         state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
         if state.get("world", 0) == shards:  # otherwise refused below, before any weights load
@@ -1130,6 +1485,25 @@ def restore_rng(rng):
 # a .distcp file per rank + .metadata), trainer.pt, checksums.json}, placed as a whole one is (write_directory).
 # FSDP2 and torch.distributed.checkpoint are imported where a sharded run first needs them: their import takes about
 # a second, which every other command would pay at start-up.
+
+
+def is_dtensor(tensor) -> bool:
+    """Whether tensor is a DTensor, a parameter sharded by FSDP2. Only a sharded run imports
+    torch.distributed.tensor (about a second of start-up that no other command should pay): before, there is none."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
+
+
+def whole_norm(tensor, dtype):
+    """The 2-norm of the whole tensor: of a DTensor over all its shards, not this rank's (a DTensor's norm is a
+    partial result; full_tensor() all-reduces it)."""
+    norm = torch.linalg.vector_norm(tensor, dtype=dtype)
+    return norm.full_tensor() if is_dtensor(norm) else norm
+
+
+def local(tensor):
+    """This rank's slice of a sharded (DTensor) parameter, or the tensor itself."""
+    return tensor.to_local() if is_dtensor(tensor) else tensor
 
 
 def is_sharded(module) -> bool:
@@ -1240,7 +1614,151 @@ def gathered_root(model):
     finally:
         model.reshard()
 
-# ----------------------------------------------------------------------------- logging and plots
+# ----------------------------------------------------------------------------- signals, run directory and run log
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal that quits at once (a second one, or one outside the loop); its exit code is 128 + the
+    signal's number, as a shell reports a process that a signal ended."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = 128 + signum
+
+    def __reduce__(self):  # as it was made (a compare worker's interruption reaches the parent pickled)
+        return Interrupted, (self.exit_code - 128,)
+
+
+class _StopOnSignal:
+    """Ctrl-C (SIGINT) or SIGTERM (what SLURM, Kubernetes and `timeout` send) during the loop: finish the step, save,
+    stop. A second signal, or one during set-up or the final save, quits at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, log):
+        self.log, self.signum, self.in_loop, self.previous = log, None, False, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None or not self.in_loop:
+            raise Interrupted(signum)
+        self.signum = signum
+        self.log(f"{signal.Signals(signum).name}: stopping after this step with a checkpoint (a second signal quits "
+                 f"without saving)")
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def check_run_directory(cfg) -> list:
+    """The run directory policy, checked before anything is read or written: an --out holding checkpoints is
+    continued (--resume) or started over (--overwrite, deleting them only once the run has loaded everything).
+    Returns the checkpoints to resume from ([] for a fresh run)."""
+    out = Path(cfg.out)
+    blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise TrainError(f"--out {out}: {blocking} is a file, not a directory")
+    existing = next(p for p in (out, *out.parents, Path(".")) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise TrainError(f"--out {out}: {existing} is not writable")
+    previous = checkpoints(out)
+    if cfg.resume and not previous:
+        raise TrainError(f"--resume: no checkpoint in {out / 'checkpoints'}")
+    if previous and not cfg.resume and not cfg.overwrite:
+        raise TrainError(f"{out / 'checkpoints'} holds checkpoints (latest {previous[-1].name}): pass --resume to "
+                         f"continue that run, --overwrite to start over (deleting them), or another --out")
+    return previous if cfg.resume else []
+
+
+def claim_run_directory(cfg, previous, log):
+    """Rank 0 makes --out this run's: a fresh run deletes the files of the run layout (an overwritten run's
+    checkpoints among them) and starts train.log with the lines logged so far; a resumed run appends to its own."""
+    out = Path(cfg.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TrainError(f"--out {out}: {e.strerror}") from None
+    if not previous:
+        if checkpoints(out):  # --overwrite, checked by check_run_directory
+            shutil.rmtree(out / "checkpoints")
+        for stale in ("metrics.jsonl", "train.log", "loss.svg"):
+            (out / stale).unlink(missing_ok=True)
+    log.start_file(out / "train.log")
+
+
+class RunLog:
+    """Messages on rank 0: printed, and appended to out/train.log once the run owns its directory (the lines
+    before that are kept and written first)."""
+
+    def __init__(self, print_fn, main):
+        self.print_fn, self.main, self.file, self.pending = print_fn, main, None, []
+
+    def __call__(self, message):
+        if self.main:
+            self.print_fn(message)
+            self._write(message)
+
+    def _write(self, line):
+        if self.file is None:
+            self.pending.append(line)
+        else:
+            with open(self.file, "a") as f:
+                f.write(line + "\n")
+
+    def start_file(self, path):
+        self.file = path
+        for line in self.pending:
+            self._write(line)
+        self.pending = []
+
+    def error(self, e):
+        """A failed run's error line, in train.log too once the run owns its directory (main prints it)."""
+        if self.main and self.file is not None:
+            self._write(error_line(e))
+
+
+def log_metrics(run, metrics, log):
+    """A log line's metrics: kept for the loss curve, and on rank 0 printed and appended to metrics.jsonl."""
+    run.history.append(metrics)
+    if run.main:
+        log(format_metrics(metrics, run.cfg.mode))
+        with open(run.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+
+
+def history_until(metrics_file, step) -> list:
+    """The metrics a resumed run keeps: the checkpoint's run's lines up to its step (metrics_file rewritten)."""
+    if not metrics_file.exists():
+        return []
+    history = [m for m in map(json.loads, metrics_file.read_text().splitlines()) if m["step"] <= step]
+    atomic_write(metrics_file, "".join(json.dumps(m) + "\n" for m in history))
+    return history
+
+
+def _duration(seconds):
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def format_metrics(m: dict, mode: str) -> str:
+    """A log line: loss, its parts and the grad norm are means over the steps since the previous line."""
+    parts = ", ".join(f"{name} {m[name]:.4f}" for name in PARTS[mode])
+    mfu = "n/a" if m["mfu"] is None else f"{m['mfu']:.1%}"
+    return (f"step {m['step']}/{m['total_steps']} | loss {m['loss']:.4f} ({parts}) | lr {m['lr']:.3e} | "
+            f"grad norm {m['grad_norm']:.3f} | {m['tokens_per_s']:,.0f} tok/s | MFU {mfu} | "
+            f"peak mem {m['peak_mem_gb']:.2f} GB | ETA {_duration(m['eta_s'])}")
+
 
 PALETTE = ("#c0392b", "#2471a3", "#229954", "#7d3c98", "#b9770e")
 
@@ -1299,28 +1817,14 @@ def svg_chart(series, title, x_label, y_label="", y_range=None, width=640, heigh
             + "".join(f'<text x="{x}" y="{y}" text-anchor="{a}">{escape(t)}</text>\n' for x, y, a, t in text)
             + y_title + "</svg>\n")
 
-
-def _duration(seconds):
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-def format_metrics(m: dict, mode: str) -> str:
-    """A log line: loss, its parts and the grad norm are means over the steps since the previous line."""
-    parts = ", ".join(f"{name} {m[name]:.4f}" for name in PARTS[mode])
-    mfu = "n/a" if m["mfu"] is None else f"{m['mfu']:.1%}"
-    return (f"step {m['step']}/{m['total_steps']} | loss {m['loss']:.4f} ({parts}) | lr {m['lr']:.3e} | "
-            f"grad norm {m['grad_norm']:.3f} | {m['tokens_per_s']:,.0f} tok/s | MFU {mfu} | "
-            f"peak mem {m['peak_mem_gb']:.2f} GB | ETA {_duration(m['eta_s'])}")
-
-# ----------------------------------------------------------------------------- evaluation
+# =============================================================================
+# Part III. Beyond training
+# Held-out evaluation, compare (the card's table at small scale), using a model (generation, chat, GSM8K, ARC)
+# and the command line.
+# =============================================================================
 
 
-def _autocast(device, precision):
-    # CPUs take bf16 autocast too: the GPU path (bf16 matmuls, fp32 master weights, bf16 logits) runs in tests
-    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+# ----------------------------------------------------------------------------- held-out evaluation
 
 
 class TextStream:
@@ -1402,248 +1906,6 @@ def teacher_forced_loss(model, tok, records, device, precision="fp32", batch_siz
         count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     return total / max(count, 1)
 
-# ----------------------------------------------------------------------------- the training loop
-
-
-class Interrupted(KeyboardInterrupt):
-    """A stop signal that quits at once (a second one, or one outside the loop); its exit code is 128 + the
-    signal's number, as a shell reports a process that a signal ended."""
-
-    def __init__(self, signum):
-        super().__init__(signal.Signals(signum).name)
-        self.exit_code = 128 + signum
-
-    def __reduce__(self):  # as it was made (a compare worker's interruption reaches the parent pickled)
-        return Interrupted, (self.exit_code - 128,)
-
-
-class _StopOnSignal:
-    """Ctrl-C (SIGINT) or SIGTERM (what SLURM, Kubernetes and `timeout` send) during the loop: finish the step, save,
-    stop. A second signal, or one during set-up or the final save, quits at once."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self, log):
-        self.log, self.signum, self.in_loop, self.previous = log, None, False, {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread
-            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signum is not None or not self.in_loop:
-            raise Interrupted(signum)
-        self.signum = signum
-        self.log(f"{signal.Signals(signum).name}: stopping after this step with a checkpoint (a second signal quits "
-                 f"without saving)")
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
-class RunLog:
-    """Messages on rank 0: printed, and appended to out/train.log once the run owns its directory (the lines
-    before that are kept and written first)."""
-
-    def __init__(self, print_fn, main):
-        self.print_fn, self.main, self.file, self.pending = print_fn, main, None, []
-
-    def __call__(self, message):
-        if self.main:
-            self.print_fn(message)
-            self._write(message)
-
-    def _write(self, line):
-        if self.file is None:
-            self.pending.append(line)
-        else:
-            with open(self.file, "a") as f:
-                f.write(line + "\n")
-
-    def start_file(self, path):
-        self.file = path
-        for line in self.pending:
-            self._write(line)
-        self.pending = []
-
-    def error(self, e):
-        """A failed run's error line, in train.log too once the run owns its directory (main prints it)."""
-        if self.main and self.file is not None:
-            self._write(error_line(e))
-
-
-@dataclass
-class Totals:
-    """Sums over the steps since the last log line. The device tensors grow without a read-back; a log line shows
-    their means over those steps (the grad norm too: the mean of the steps' norms, not the last one)."""
-    loss: torch.Tensor
-    ce_masked: torch.Tensor
-    ce_full: torch.Tensor
-    kl: torch.Tensor
-    grad_norm: torch.Tensor
-    steps: int = 0
-    tokens: int = 0  # host counts: the batches' shapes are known without the device
-    flops: float = 0.0
-    started: float = field(default_factory=time.perf_counter)
-
-    @classmethod
-    def zeros(cls, device):
-        return cls(*torch.zeros(5, device=device).unbind())
-
-    def add(self, loss, parts, grad_norm, batches, mode, flops_per_token):
-        self.loss += loss
-        for total, part in zip((self.ce_masked, self.ce_full, self.kl), parts):
-            total += part
-        self.grad_norm += grad_norm
-        self.steps += 1
-        for batch in batches:
-            B, T = batch["input_ids"].shape
-            self.tokens += B * T
-            self.flops += PASSES[mode] * B * T * flops_per_token(T)
-
-
-def sync_now(step, stop, cfg, stopper, world) -> tuple:
-    """Does this step read back from the device? (log, save): a log step (--log-every, the last step), a checkpoint
-    step (--save-every), and a stop signal: one process honours it at once, several agree at such a step."""
-    log_step = step % cfg.log_every == 0 or step == stop
-    save_step = bool(cfg.save_every) and step % cfg.save_every == 0
-    return log_step, save_step, log_step or save_step or (stopper.requested and world == 1)
-
-
-def read_back(totals, model, stop_requested, world) -> dict:
-    """The loop's one read-back: the sums since the last log line over all ranks, whether any rank was signalled,
-    and whether every weight is finite (non-finite weights must never become "the last good checkpoint")."""
-    finite = torch.stack([local(p).isfinite().all() for p in model.parameters()]).all()  # all-reduced below
-    device_sums = torch.stack([totals.loss, totals.ce_masked, totals.ce_full, totals.kl, totals.grad_norm])
-    host_sums = torch.tensor([totals.tokens, totals.flops, stop_requested], dtype=torch.float32,
-                             device=device_sums.device)
-    values = torch.cat([device_sums, host_sums, (~finite).float()[None]])
-    if world > 1:
-        dist.all_reduce(values)
-    loss, ce_masked, ce_full, kl, grad_norm, tokens, flops, signalled, not_finite = values.tolist()
-    # the losses are global already (normalised by the whole step's counts); the grad norm is every rank's
-    return dict(loss=loss, ce_masked=ce_masked, ce_full=ce_full, kl=kl, grad_norm=grad_norm / world, tokens=tokens,
-                flops=flops, interrupted=signalled > 0, finite=not_finite == 0)
-
-
-def local(tensor):
-    """This rank's slice of a sharded (DTensor) parameter, or the tensor itself."""
-    return tensor.to_local() if is_dtensor(tensor) else tensor
-
-
-def gradient_norm(model) -> torch.Tensor:
-    """The 2-norm of the whole gradient (sharded: over every rank's slices, the same on every rank)."""
-    norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-    return norm.full_tensor() if is_dtensor(norm) else norm
-
-
-def check_finite(seen, steps, step, last_saved):
-    if math.isfinite(seen["loss"]) and seen["finite"]:
-        return
-    where = f"last good checkpoint: {last_saved}" if last_saved else "no checkpoint was saved yet"
-    what = f"loss is {seen['loss'] / steps}" if not math.isfinite(seen["loss"]) else "the weights are not finite"
-    raise TrainError(f"{what} at step {step} (or in the {steps} steps before it); stopping. {where} (resume it "
-                     f"with --resume, maybe with a lower --lr)")
-
-
-class Span(NamedTuple):
-    """Where a run goes: the schedule's steps, the step it stops after, where it started and when."""
-    total: int
-    stop: int
-    start_step: int
-    started: float
-
-
-def run_metrics(seen, totals, step, epoch, lr, span, peak_flops_all, device, mode) -> dict:
-    """A log line's metrics: the means over the steps since the last line, speed, memory and time left."""
-    now = time.perf_counter()
-    per_step = {name: seen[name] / totals.steps for name in ("loss", *PARTS[mode], "grad_norm")}
-    seconds = now - totals.started
-    return {"step": step, "total_steps": span.total, "epoch": epoch, "loss": per_step["loss"],
-            **{name: per_step[name] for name in PARTS[mode]}, "lr": lr, "grad_norm": per_step["grad_norm"],
-            "tokens_per_s": seen["tokens"] / seconds,
-            "mfu": seen["flops"] / seconds / peak_flops_all if peak_flops_all else None,
-            "peak_mem_gb": peak_memory_gb(device), "elapsed_s": now - span.started,
-            "eta_s": (now - span.started) / (step - span.start_step) * (span.stop - step)}
-
-
-def check_run_directory(cfg) -> list:
-    """The run directory policy, checked before anything is read or written: an --out holding checkpoints is
-    continued (--resume) or started over (--overwrite, deleting them only once the run has loaded everything).
-    Returns the checkpoints to resume from ([] for a fresh run)."""
-    out = Path(cfg.out)
-    blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        raise TrainError(f"--out {out}: {blocking} is a file, not a directory")
-    existing = next(p for p in (out, *out.parents, Path(".")) if p.exists())
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise TrainError(f"--out {out}: {existing} is not writable")
-    previous = checkpoints(out)
-    if cfg.resume and not previous:
-        raise TrainError(f"--resume: no checkpoint in {out / 'checkpoints'}")
-    if previous and not cfg.resume and not cfg.overwrite:
-        raise TrainError(f"{out / 'checkpoints'} holds checkpoints (latest {previous[-1].name}): pass --resume to "
-                         f"continue that run, --overwrite to start over (deleting them), or another --out")
-    return previous if cfg.resume else []
-
-
-def claim_run_directory(cfg, previous, log):
-    """Rank 0 makes --out this run's: a fresh run deletes the files of the run layout (an overwritten run's
-    checkpoints among them) and starts train.log with the lines logged so far; a resumed run appends to its own."""
-    out = Path(cfg.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise TrainError(f"--out {out}: {e.strerror}") from None
-    if not previous:
-        if checkpoints(out):  # --overwrite, checked by check_run_directory
-            shutil.rmtree(out / "checkpoints")
-        for stale in ("metrics.jsonl", "train.log", "loss.svg"):
-            (out / stale).unlink(missing_ok=True)
-    log.start_file(out / "train.log")
-
-
-def model_and_optimizer(cfg, tok, resume_from, fingerprint, device, log, shards=0) -> tuple:
-    """(model, Lilith, first step): from a verified checkpoint (with its RNG states), or fresh; shards: the ranks
-    a --parallel fsdp model is sharded over (0: a whole model)."""
-    precision = resolve_precision(cfg.precision, device)
-    if resume_from is None:
-        model = load_model(cfg, tok, log)
-        model = (shard_model(model, device, precision) if shards else model).to(device).train()
-        return model, Lilith(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay), 0
-    model, state = load_checkpoint(resume_from, cfg, device, fingerprint, shards)
-    if len(tok) > model.config.vocab_size:
-        raise TrainError(f"--resume: {resume_from} has {model.config.vocab_size} vocabulary rows, the tokenizer "
-                         f"needs {len(tok)}")
-    model.to(device).train()
-    optimizer = Lilith(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if shards:
-        load_sharded(resume_from, model, optimizer)
-    else:
-        optimizer.load_state_dict(state["optimizer"])
-    restore_rng(state["rng"])
-    log(f"resumed from {resume_from} at step {state['step']}")
-    return model, optimizer, state["step"]
-
-
-def wrap_for_training(model, cfg, ranks, device) -> tuple:
-    """(runner, wrapper): what the step calls (DDP over ranks, then torch.compile) and the DDP or FSDP2 module
-    whose gradient sync accumulate_gradients defers, or None."""
-    model.gradient_checkpointing = cfg.grad_checkpointing
-    if is_sharded(model):
-        wrapper = runner = model  # sharded by model_and_optimizer: an FSDP2 model is its own wrapper
-    elif ranks.world == 1:
-        wrapper, runner = None, model
-    else:
-        wrapper = runner = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return (torch.compile(runner) if cfg.compile else runner), wrapper
-
 
 def untrained_accuracy(model, tok, held_out, device, precision, log) -> float:
     """Rank 0's, or (sharded) every rank's in step."""
@@ -1655,23 +1917,14 @@ def untrained_accuracy(model, tok, held_out, device, precision, log) -> float:
     return accuracy
 
 
-def history_until(metrics_file, step) -> list:
-    """The metrics a resumed run keeps: the checkpoint's run's lines up to its step (metrics_file rewritten)."""
-    if not metrics_file.exists():
-        return []
-    history = [m for m in map(json.loads, metrics_file.read_text().splitlines()) if m["step"] <= step]
-    atomic_write(metrics_file, "".join(json.dumps(m) + "\n" for m in history))
-    return history
-
-
-def finish(model, tok, out, history, held_out, device, precision, summary, log, main=True):
-    """The end of a whole run (rank 0; a sharded model: every rank, in step): the loss curve, the final model as a
-    Hugging Face directory, and the held-out evaluation (into summary)."""
-    final = out / "model"
-    if main and history:
-        loss_curve = Series("loss", [m["step"] for m in history], [m["loss"] for m in history])
-        atomic_write(out / "loss.svg", svg_chart([loss_curve], "training loss", "optimizer step"))
-    if is_sharded(model):
+def finish(run, log):
+    """The end of a whole run (run.evaluates): the loss curve, the final model as a Hugging Face directory, and the
+    held-out evaluation (into run.summary)."""
+    model, tok, held_out, summary, final = run.model, run.tok, run.held_out, run.summary, run.out / "model"
+    if run.main and run.history:
+        loss_curve = Series("loss", [m["step"] for m in run.history], [m["loss"] for m in run.history])
+        atomic_write(run.out / "loss.svg", svg_chart([loss_curve], "training loss", "optimizer step"))
+    if run.sharded:
         save_full_model(model, tok, final)  # gathered, written once by rank 0
     else:
         model.to(getattr(torch, model.config.torch_dtype))  # the source's dtype (bf16 for StableLM-3B)
@@ -1681,137 +1934,14 @@ def finish(model, tok, out, history, held_out, device, precision, summary, log, 
     if held_out:
         model.eval()
         with gathered_root(model):
-            summary["accuracy"], completions = exact_match(model, tok, held_out, device, precision)
-            summary["eval_loss"] = teacher_forced_loss(model, tok, held_out, device, precision)
+            summary["accuracy"], completions = exact_match(model, tok, held_out, run.device, run.precision)
+            summary["eval_loss"] = teacher_forced_loss(model, tok, held_out, run.device, run.precision)
         before = f" (untrained: {summary['accuracy_untrained']:.1%})" if "accuracy_untrained" in summary else ""
         log(f"held-out exact match: {summary['accuracy']:.1%} of {len(held_out)}{before}; teacher-forced loss "
             f"{summary['eval_loss']:.4f}. Example: {cot_prompt(held_out[0].prompt)!r} -> {completions[0]!r}")
 
 
-def train(cfg: TrainConfig, log=print, evaluate_untrained=True) -> dict:
-    """Run (or resume) one training run; returns its summary (also printed). Under torchrun every rank calls it."""
-    owns_group = not dist.is_initialized()  # a process group the caller started is the caller's to end
-    ranks, device = init_distributed(cfg.device)
-    run_log = RunLog(log, ranks.rank == 0)
-    try:
-        with _StopOnSignal(run_log) as stopper:
-            return _train(cfg, ranks, device, run_log, stopper, evaluate_untrained)
-    except (TrainError, DataError, ValueError, OSError) as e:
-        run_log.error(e)
-        raise
-    finally:
-        if owns_group and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _train(cfg, ranks, device, log, stopper, evaluate_before):
-    # --- set-up: the run directory, the data, the model and optimizer, the position to start from
-    out, main = Path(cfg.out), ranks.rank == 0
-    previous = check_run_directory(cfg)
-    if main and previous:
-        log.start_file(out / "train.log")  # a resumed run's own log: its errors belong there too
-    log(f"remask train {' '.join(f'--{_flag(k)} {v}' for k, v in asdict(cfg).items() if v != '')}")
-    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // ranks.local_world))
-    precision = resolve_precision(cfg.precision, device)
-    autocast = _autocast(device, precision)
-    tok = load_tokenizer_for(cfg, log)
-    examples, held_out = load_examples(cfg, tok, log)
-    fingerprint = data_fingerprint(examples)  # the data is part of the recipe: a resume must train on the same
-    resume_from = find_resume_checkpoint(out, log) if previous else None  # the newest intact checkpoint
-    shards = ranks.world if cfg.parallel == "fsdp" and ranks.world > 1 else 0  # one process: nothing to shard
-    model, optimizer, start_step = model_and_optimizer(cfg, tok, resume_from, fingerprint, device, log, shards)
-    runner, wrapper = wrap_for_training(model, cfg, ranks, device)
-    # Every rank draws its share of the same global batch; several ranks drop the last partial batch so that all
-    # of them run the same number of micro-batches (each one's backward joins the gradient all-reduce).
-    loader = Loader(examples, tok, cfg.mask_config(), cfg.global_batch, cfg.micro_batch, cfg.seed,
-                    cfg.group_by_length, ranks.rank, ranks.world, drop_last=ranks.world > 1)
-    if len(loader) == 0:
-        raise TrainError(f"{len(examples)} examples make no full --global-batch {cfg.global_batch} on "
-                         f"{ranks.world} ranks")
-    if main:
-        claim_run_directory(cfg, previous, log)
-    if ranks.world > 1:
-        dist.barrier()  # the other ranks write nothing; rank 0 has made --out the run's
-    total = cfg.max_steps or len(loader) * cfg.epochs
-    step_size = min(cfg.global_batch, len(examples))
-    log(f"StableLM {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device} "
-        f"({precision}), {ranks.world} rank(s); {len(loader)} steps per epoch, {total} steps of {step_size} "
-        f"sequences, micro-batch {cfg.micro_batch}, mode {cfg.mode}; each log line: means over its steps")
-    summary = {"out": str(out), "total_steps": total}
-    if held_out and evaluate_before and not previous and (main or shards):
-        summary["accuracy_untrained"] = untrained_accuracy(model, tok, held_out, device, precision, log)
-    metrics_file = out / "metrics.jsonl"
-    history = history_until(metrics_file, start_step) if main and previous else []
-    peak = peak_flops(device, torch.bfloat16 if precision == "bf16" else torch.float32)
-    peak_all = peak * ranks.world if peak else None
-    last_saved = resume_from
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-    # --- the loop: draw micro-batches -> accumulate gradients -> set lr -> optimizer step -> account
-    totals, step, interrupted = Totals.zeros(device), start_step, False
-    span = Span(total, min(cfg.stop_at or total, total), start_step, time.perf_counter())
-    stopper.in_loop = True
-    try:
-        while step < span.stop and not interrupted:
-            epoch, in_epoch = divmod(step, len(loader))
-            batches = loader.micro_batches(epoch, in_epoch)
-            loss, parts = accumulate_gradients(runner, batches, cfg.mode, cfg.kl_weight, device, autocast, wrapper,
-                                               ranks.world, cfg.reduce_every_micro_batch)
-            lr = one_cycle_lr(step, total, cfg.lr, cfg.pct_start)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            grad_norm = gradient_norm(model)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            totals.add(loss, parts, grad_norm, batches, cfg.mode, model.flops_per_token)
-
-            log_step, save_step, sync = sync_now(step, span.stop, cfg, stopper, ranks.world)
-            if not sync:
-                continue  # the host runs ahead: nothing is read back from the device between sync steps
-            seen = read_back(totals, model, stopper.requested, ranks.world)
-            check_finite(seen, totals.steps, step, last_saved)
-            interrupted = seen["interrupted"]
-            if log_step or interrupted:
-                m = run_metrics(seen, totals, step, epoch, lr, span, peak_all, device, cfg.mode)
-                history.append(m)
-                if main:
-                    log(format_metrics(m, cfg.mode))
-                    with open(metrics_file, "a") as f:
-                        f.write(json.dumps(m) + "\n")
-                totals = Totals.zeros(device)
-            if save_step or interrupted or step == span.stop:
-                if shards:
-                    last_saved = save_sharded_checkpoint(out, step, model, optimizer, cfg, cfg.keep, fingerprint)
-                elif main:
-                    last_saved = save_checkpoint(out, step, model, tok, optimizer, cfg, cfg.keep, fingerprint)
-                log(f"saved {last_saved}")
-                if ranks.world > 1:
-                    dist.barrier()
-    except torch.OutOfMemoryError:
-        raise TrainError(f"out of GPU memory at step {step} with --micro-batch {cfg.micro_batch} "
-                         f"(peak {peak_memory_gb(device):.1f} GB): use --micro-batch {max(cfg.micro_batch // 2, 1)} "
-                         f"(gradient accumulation grows, the step stays the same) and/or --grad-checkpointing"
-                         ) from None
-    finally:
-        stopper.in_loop = False
-
-    # --- the end: stopped early (a signal, --stop-at), or the final model and its evaluation
-    summary.update(step=step, checkpoint=str(last_saved), seconds=time.perf_counter() - span.started,
-                   final_loss=history[-1]["loss"] if history else None)
-    if interrupted:
-        signum = stopper.signum or signal.SIGINT  # another rank's signal: this one saw none itself
-        summary.update(interrupted=True, exit_code=128 + signum)
-        log(f"interrupted at step {step}: --resume continues from {last_saved}")
-    elif step < total:
-        log(f"stopped at step {step} of {total} (--stop-at): --resume continues")
-    elif main or shards:
-        finish(model, tok, out, history, held_out, device, precision, summary, log, main)
-    return summary
-
 # ----------------------------------------------------------------------------- compare: the card's table at small scale
-
 MODE_NAMES = {"sft": "SFT", "masked-thought": "Masked Thought", "remask": "ReMask"}
 # The embedded comparison's preset: the card's regime at small scale, a fixed training set seen for the card's 6
 # epochs, the same data order, masks, weights and schedule for every mode of a seed; 500 held-out problems, so an
@@ -2287,7 +2417,6 @@ def evaluate_arc(loglikelihood, questions, train, limit=None, k=ARC_FEWSHOT, see
             for i, (context, question, answer) in enumerate(zip(contexts, questions, per_question))]
     return scores, rows
 
-
 # ----------------------------------------------------------------------------- command line
 
 
@@ -2295,7 +2424,7 @@ def add_config_flags(parser, preset: dict, leave_out=()):
     """One --flag per TrainConfig field (but those in leave_out), its help from the field; the help shows the
     recipe's default and, where the preset changes it, the preset's value: "(default 1e-05; demo: 0.001)"."""
     for f in (f for f in fields(TrainConfig) if f.name not in leave_out):
-        extra = {k: v for k, v in f.metadata.items() if k != "help"}
+        extra = {k: v for k, v in f.metadata.items() if k not in ("help", "valid")}
         default = f"default {f.default!r}" + (f"; {preset['name']}: {preset[f.name]!r}" if f.name in preset else "")
         kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
         parser.add_argument(f"--{_flag(f.name)}", default=argparse.SUPPRESS, help=f"{f.metadata['help']} ({default})",
