@@ -27,10 +27,11 @@ import json
 import math
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -488,10 +489,11 @@ def config_to_dict(config):
 def load_pretrained(path, dtype=None, device=None):
     """Load a Hugging Face StableLM directory. dtype casts floating weights (None keeps the stored dtype); int8
     weights and their fp32 scales stay as stored. Built on the meta device and filled file by file, so the
-    weights are in memory once. Every floating tensor must be finite (checked as it is read). What a killed
-    save_pretrained left beside `path` is repaired or removed first (recover_directory)."""
+    weights are in memory once. Every floating tensor must be finite (checked as it is read). Reading changes
+    nothing: what a killed save_pretrained left beside `path` is put right by the next write there."""
     path = Path(path)
-    recover_directory(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such model directory{killed_write_note(path)}")
     config = Config.from_json(path / "config.json")
     files, index = _weight_files(path)
     with torch.device("meta"):
@@ -613,7 +615,7 @@ def _check_finite(t, name, file):
 def save_pretrained(model, path, max_shard_size=5 * 10**9, extra=None):
     """Write a directory transformers/vLLM/lm-eval load as is; shards above max_shard_size (bytes or '5GB').
     extra(directory), if given, adds files (a tokenizer) before the directory appears. Through write_directory:
-    `path` is never half-written, and only an empty or model directory (is_model_directory) is replaced."""
+    `path` is never half-written, and only a model directory remask wrote is replaced (check_replaceable)."""
     limit = _parse_size(max_shard_size)
 
     def fill(directory):
@@ -679,76 +681,108 @@ def _int8_config(model):
             "bnb_4bit_quant_storage": "uint8", "bnb_4bit_quant_type": "fp4", "bnb_4bit_use_double_quant": False}
 
 # ----------------------------------------------------------------------------- directory writing
+# Ownership: remask deletes, replaces or repairs only what it provably wrote. Every directory it creates holds an
+# owner record, OWNER (kind and a random token); a write's temporaries carry the same token in their names. What
+# lacks that proof is never touched: a writer in its way refuses before any work, naming the path. Reading (loading a
+# model) changes nothing; what a killed write left is put right by the next write to the same place.
 
-
-MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json",
-               "tokenizer_config.json", "special_tokens_map.json")
+OWNER = ".remask-owner.json"  # {"remask": kind, "token": hex}: the proof that remask made this directory
+KINDS = ("model", "checkpoint", "checkpoints", "run", "compare")
+LEFTOVER = r"\.{name}\.(tmp|new|old|deleting)-([0-9a-f]{{16}})"  # beside NAME: a write's or deletion's temporaries
 
 
 class DirectoryNotReplaceable(FileExistsError):
     """A destination holds something its writer did not write (a FileExistsError: command lines report it)."""
 
 
-def is_model_directory(path) -> bool:
-    """True for an empty directory or one holding only what save_pretrained or quantize.py write (no subdirectories):
-    the only directories a model writer may replace."""
-    return all(not p.is_dir() and (p.name in MODEL_FILES or p.name.endswith(".safetensors"))
-               for p in Path(path).iterdir())
+def owner(path) -> Optional[dict]:
+    """The owner record of a directory remask made ({"remask": kind, "token": hex}), else None."""
+    try:
+        record = json.loads((Path(path) / OWNER).read_text())
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(record, dict) and record.get("remask") in KINDS and isinstance(record.get("token"), str)):
+        return None
+    return record
 
 
-def check_replaceable(path, replaceable=is_model_directory):
-    """Raise unless writing `path` would replace nothing the writer does not own: a file, or a directory for
-    which replaceable(path) is False (named with what it holds)."""
+def make_owned(path, kind, **extra) -> dict:
+    """Create directory `path` (parents too) as remask's `kind`, or mark an existing one: its owner record."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    record = {"remask": kind, "token": secrets.token_hex(8), **extra}
+    update_owner(path, record)
+    return record
+
+
+def update_owner(path, record):
+    """Rewrite a directory's owner record (a run adds the names of what it writes), whole or not at all."""
+    tmp = Path(path) / f"{OWNER}.{record['token']}.tmp"
+    tmp.write_text(json.dumps(record) + "\n")
+    os.replace(tmp, Path(path) / OWNER)
+
+
+def check_replaceable(path, kind="model"):
+    """Raise unless writing `path` would replace nothing but a `kind` directory remask made: `path` absent, or a
+    directory holding remask's owner record of that kind (a link is followed: what it points at must be so)."""
     path = Path(path)
     if not path.exists():
+        if path.is_symlink():
+            raise DirectoryNotReplaceable(f"{path}: a link to nothing; remove it or choose another path")
         return
     if not path.is_dir():
         raise FileExistsError(f"{path}: exists and is not a directory")
-    if not replaceable(path):
+    record = owner(path)
+    if record is None or record["remask"] != kind:
         entries = sorted(p.name + "/" * p.is_dir() for p in path.iterdir())
-        listing = ", ".join(entries[:6]) + (f", ... ({len(entries)} entries)" if len(entries) > 6 else "")
-        raise DirectoryNotReplaceable(f"{path}: exists and holds {listing}: not only what this writes, so it is "
-                                      f"left alone (choose another path, or remove it yourself)")
+        listing = ", ".join(entries[:6]) + (f", ... ({len(entries)} entries)" if len(entries) > 6 else "") or "nothing"
+        made = "was not made by remask" if record is None else f"is remask's {record['remask']} directory"
+        raise DirectoryNotReplaceable(f"{path}: exists, holds {listing} and {made} (no {kind} owner record "
+                                      f"{OWNER}), so it is left alone: choose another path, or remove it yourself")
 
 
-def write_directory(path, fill, replaceable=is_model_directory) -> Path:
+def write_directory(path, fill, kind="model") -> Path:
     """Write a whole directory at `path` so that at every instant `path` holds the old or the new one, whole.
 
-    fill(tmp) writes the contents into a hidden sibling `.NAME.tmp-*` (modes then follow the umask, everything is
-    fsynced). Renamed to `.NAME.new-*` it is marked complete, then it takes path's place: in one atomic exchange
-    on Linux (renameat2 RENAME_EXCHANGE), elsewhere by two renames, between which a kill leaves no `path` but a
-    complete `.NAME.new-*` that recover_directory puts back. An existing `path` must pass check_replaceable
-    before fill runs. The writer holds an flock on its temporary directory, so recovery leaves a live write alone.
+    fill(tmp) writes the contents into a hidden sibling `.NAME.tmp-TOKEN` that already holds its owner record with
+    TOKEN (modes then follow the umask, everything is fsynced). Renamed to `.NAME.new-TOKEN` it is marked complete,
+    then it takes path's place: in one atomic exchange on Linux (renameat2 RENAME_EXCHANGE), elsewhere by two renames,
+    between which a kill leaves no `path` but a complete `.NAME.new-TOKEN` that the next write puts back. An existing
+    `path` must be remask's `kind` directory (check_replaceable), before fill runs and again before the swap. The
+    writer holds an flock on its temporary directory, so recovery leaves a live write alone.
     """
     path = Path(path)
     if path.is_symlink():  # replace the directory the link points at, keep the link
         path = path.resolve()
     recover_directory(path)
-    check_replaceable(path, replaceable)
+    check_replaceable(path, kind)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    new = path.parent / f".{path.name}.new-{tmp.name.rpartition('.tmp-')[2]}"
+    token = secrets.token_hex(8)
+    tmp, new = (path.parent / f".{path.name}.{stage}-{token}" for stage in ("tmp", "new"))
+    tmp.mkdir(mode=0o700)
+    update_owner(tmp, {"remask": kind, "token": token})  # first: from now on the temporary carries its proof
     lock = _lock(tmp, blocking=True)
     try:
         fill(tmp)
         _settle(tmp)
-        os.rename(tmp, new)
+        _rename(tmp, new)
         _fsync(path.parent)
-        check_replaceable(path, replaceable)  # again: fill may have taken hours
+        check_replaceable(path, kind)  # again: fill may have taken hours
         if not path.exists():
-            os.rename(new, path)
+            _rename(new, path)
         elif _exchange(new, path):
             _fsync(path.parent)
-            shutil.rmtree(new, ignore_errors=True)  # the old directory now; a kill leaves it to recovery
+            _delete(new)  # the old directory now; a kill leaves it to recovery
         else:
-            old = path.parent / f".{path.name}.old-{new.name.rpartition('.new-')[2]}"
-            os.rename(path, old)
-            os.rename(new, path)
+            old = path.parent / f".{path.name}.old-{token}"
+            _rename(path, old)
+            _rename(new, path)
             _fsync(path.parent)
-            shutil.rmtree(old, ignore_errors=True)
+            _delete(old)
         _fsync(path.parent)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # incomplete; whatever else is left, recovery sorts out
+        if tmp.exists():
+            _delete(tmp)  # incomplete; whatever else is left, the next write sorts out
         os.close(lock)
         lock = None
         recover_directory(path)
@@ -759,36 +793,108 @@ def write_directory(path, fill, replaceable=is_model_directory) -> Path:
     return path
 
 
-LEFTOVER = r"\.{name}\.(tmp|new|old)-\w+"
+def remove_directory(path, kind):
+    """Delete a `kind` directory remask made (refused, naming it, if it is not one). Renamed to a hidden
+    `.NAME.deleting-TOKEN` first: a kill during the deletion leaves nothing half-deleted under the old name."""
+    path = Path(path)
+    check_replaceable(path, kind)
+    if not path.exists():
+        return
+    hidden = path.parent / f".{path.name}.deleting-{owner(path)['token']}"
+    _rename(path, hidden)
+    _delete(hidden)
+
+
+def leftovers(path) -> dict:
+    """{leftover: stage} beside `path` that a write or deletion of `path` provably left: a `.NAME.STAGE-TOKEN`
+    holding remask's owner record whose token is TOKEN (the write's own temporary, or a deletion's), or, for what a
+    write displaced, whose TOKEN is the token of the directory now at `path`."""
+    path = Path(os.path.realpath(path))  # beside the directory a link points at, where write_directory writes
+    if not path.name or not path.parent.is_dir():
+        return {}
+    pattern = re.compile(LEFTOVER.format(name=re.escape(path.name)))
+    current = (owner(path) or {}).get("token")
+    found = {}
+    for p in path.parent.iterdir():
+        m = pattern.fullmatch(p.name)
+        record = owner(p) if m and p.is_dir() and not p.is_symlink() else None
+        if record is not None and m[2] in (record["token"], current):
+            found[p] = m[1]
+    return found
 
 
 def recover_directory(path):
-    """Repair what a killed write_directory left beside `path`: if `path` is missing, put back the newest complete
-    `.NAME.new-*` (else an `.NAME.old-*`); then remove the other leftovers. Does nothing while a writer is alive."""
-    path = Path(os.path.realpath(path))  # beside the directory a link points at, where write_directory writes
-    if not path.name or not path.parent.is_dir():
+    """Put right what a killed write or deletion of `path` left beside it (only what leftovers() proves to be
+    remask's): if `path` is missing, put back the newest complete `.NAME.new-*` (else an `.NAME.old-*`); then
+    delete the others. Does nothing while a writer is alive. Called by writers only: reading changes nothing."""
+    path = Path(os.path.realpath(path))
+    found = leftovers(path)
+    if not found:
         return
-    pattern = re.compile(LEFTOVER.format(name=re.escape(path.name)))
-    leftovers = {p: m[1] for p in path.parent.iterdir() if (m := pattern.fullmatch(p.name))}
-    if not leftovers:
-        return
-    locks = [_lock(p, blocking=False) for p in leftovers]
+    locks = [_lock(p, blocking=False) for p in found]
     try:
         if None in locks:
             return  # a live writer holds one of them: its own cleanup follows
         if not path.exists():
-            complete = [p for p in leftovers if leftovers[p] != "tmp"]
+            complete = [p for p in found if found[p] in ("new", "old")]
             if complete:  # a new one beats an old one, then the newest
-                survivor = max(complete, key=lambda p: (leftovers[p] == "new", p.stat().st_mtime))
-                os.rename(survivor, path)
+                survivor = max(complete, key=lambda p: (found[p] == "new", p.stat().st_mtime))
+                _rename(survivor, path)
                 _fsync(path.parent)
-                del leftovers[survivor]
-        for p in leftovers:
-            shutil.rmtree(p, ignore_errors=True)
+                del found[survivor]
+        for p in found:
+            _delete(p)
     finally:
         for fd in locks:
             if fd is not None:
                 os.close(fd)
+
+
+def killed_write_note(path) -> str:
+    """For an error about a missing `path`: what a killed write left beside it, if anything."""
+    found = leftovers(path)
+    if not found:
+        return ""
+    return (f" (a killed write left {', '.join(sorted(p.name for p in found))} beside it: the next write to "
+            f"{Path(path).name} puts it right)")
+
+
+def check_apart(writes: dict, reads: dict):
+    """Inputs are never outputs: refuse (ValueError, one line) a path to be written that is, contains or lies inside
+    a path to be read. writes, reads: {what the user called it: path}; every spelling (links, '..', relative or
+    absolute, '' or '.') is resolved first."""
+    for w_name, w in writes.items():
+        target = Path(os.path.realpath(os.path.expanduser(str(w)) or "."))
+        for r_name, r in reads.items():
+            source = Path(os.path.realpath(os.path.expanduser(str(r)) or "."))
+            if target == source:
+                relation = "is"
+            elif source.is_relative_to(target):
+                relation = "contains"
+            elif target.is_relative_to(source):
+                relation = "lies inside"
+            else:
+                continue
+            raise ValueError(f"{w_name} ({target}) {relation} {r_name} ({source}): writing it would change an input; "
+                             f"choose another output path")
+
+
+def _rename(src, dst):
+    """Every rename of a write or deletion (a named seam: the fault tests kill the process here)."""
+    os.rename(src, dst)
+
+
+def _delete(path):
+    """Delete a directory remask made, its owner record last: a kill midway leaves the rest still provably ours, for
+    the next write to finish (a named seam: the fault tests kill the process here)."""
+    path = Path(path)
+    for entry in path.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        elif entry.name != OWNER:
+            entry.unlink()
+    (path / OWNER).unlink(missing_ok=True)
+    path.rmdir()
 
 
 def _lock(path, blocking):

@@ -46,6 +46,7 @@ chunked losses with gradients computed in the forward pass as in Liger-Kernel (a
 et al., arXiv 2110.14168) and ARC (Clark et al., arXiv 1803.05457) as EleutherAI's lm-evaluation-harness runs them.
 """
 import argparse
+import fcntl
 import hashlib
 import json
 import math
@@ -67,18 +68,22 @@ from functools import partial
 from html import escape
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional, Union
+
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
+
 from data import (ARC_FEWSHOT, ARC_SEED, GSM8K_MAX_NEW_TOKENS, GSM8K_STOP, IGNORE_INDEX, MODES, PAD_ID, CoTRecord,
                   DataError, Loader, MaskConfig, Tokenizer, addition_cot, arc_contexts, arc_continuations,
                   atomic_write, chat_prompt, collate, cot_prompt, cut_at_stop, describe_fit, embedded_dataset,
                   embedded_tokenizer, encode_many, encode_pair, extract_answer, fit_length, format_record,
-                  gsm8k_prompts, load_tokenizer, mask_example, read_arc, read_gsm8k, read_mixture, round_up, score_arc,
+                  describe_overlap, gsm8k_prompts, load_tokenizer, mask_example, mixture_parts, overlap, read_arc,
+                  read_eval_set, read_gsm8k, read_mixture, round_up, score_arc,
                   score_gsm8k)
-from model import CONFIGS, Config, StableLM, generate, recover_directory, write_directory
+from model import (CONFIGS, OWNER, Config, StableLM, check_apart, check_replaceable, generate, make_owned, owner,
+                   recover_directory, remove_directory, update_owner, write_directory)
 
 # =============================================================================
 # Part I. From the loss to the loop: what ReMask computes and how one run trains
@@ -661,6 +666,8 @@ class TrainConfig:
                              "--arch model with the embedded tokenizer")
     data: str = _option("", "training data, a mixture spec 'a.jsonl,b.jsonl:1000' (':N' samples N rows); empty: the "
                             "embedded addition task")
+    eval_data: str = _option("", "held-out data of any schema (a mixture spec) for the held-out metrics, instead of "
+                                 "--n-eval rows held out of --data")
     out: str = _option("runs/remask", "output directory: checkpoints/, model/ (final Hugging Face directory), "
                                       "train.log, metrics.jsonl, loss.svg")
     mode: str = _option("remask", "remask (masked + full pass, CE average + KL), masked-thought (masked pass only) "
@@ -734,6 +741,11 @@ class TrainConfig:
                 raise ValueError(f"{flag} must be {valid.says}, got {value}")
             if "choices" in f.metadata and value not in f.metadata["choices"]:
                 raise ValueError(f"{flag} must be one of {', '.join(f.metadata['choices'])}, got {value!r}")
+        if self.eval_data and not self.data:
+            raise ValueError("--eval-data needs --data (the embedded task holds out problems of its own)")
+        if self.eval_data and self.n_eval:
+            raise ValueError("--n-eval holds rows of --data out for evaluation, --eval-data evaluates on its own "
+                             "file: pass one of them")
 
     def mask_config(self) -> MaskConfig:
         return MaskConfig(self.mode, self.input_mask, self.label_mask, self.answer_only, self.mask_with)
@@ -830,7 +842,7 @@ def train(cfg: TrainConfig, log=print, evaluate_untrained=True) -> dict:
     ranks, device = init_distributed(cfg.device)
     run_log = RunLog(log, ranks.rank == 0)
     try:
-        with _StopOnSignal(run_log) as stopper:
+        with _StopOnSignal(run_log) as stopper, writing_run(cfg, ranks.rank == 0):
             run = start_run(cfg, ranks, device, run_log, evaluate_untrained)
             step, interrupted = training_loop(run, stopper, run_log)
             return end_run(run, step, interrupted, stopper, run_log)
@@ -952,7 +964,7 @@ def start_run(cfg, ranks, device, log, evaluate_untrained) -> Run:
         f"{min(cfg.global_batch, len(examples))} sequences, micro-batch {cfg.micro_batch}, mode {cfg.mode}; each log "
         f"line: means over its steps")
     summary = {"out": str(out), "total_steps": total}
-    if held_out and evaluate_untrained and not previous and (main or sharded):
+    if answerable(held_out) and evaluate_untrained and not previous and (main or sharded):
         summary["accuracy_untrained"] = untrained_accuracy(model, tok, held_out, device, precision, log)
     history = history_until(out / "metrics.jsonl", start_step) if main and previous else []
     peak = peak_flops(device, torch.bfloat16 if precision == "bf16" else torch.float32)
@@ -1204,26 +1216,41 @@ def load_tokenizer_for(cfg: TrainConfig, log) -> Tokenizer:
 
 
 def load_examples(cfg: TrainConfig, tok, log) -> tuple:
-    """(training examples, held-out CoTRecords). Embedded: generated from --seed with their own held-out set;
-    --data: --n-eval CoT rows drawn with the seed are held out of training."""
+    """(training examples, held-out records). Embedded: generated from --seed with their own held-out set;
+    --data: --n-eval CoT rows drawn with the seed are held out of training, or --eval-data is read."""
     if cfg.data:
         records = read_mixture(cfg.data, cfg.seed, cfg.skip_bad, log)
-        cot = [i for i, r in enumerate(records) if isinstance(r, CoTRecord)]
-        if cfg.n_eval > len(cot):
-            raise TrainError(f"--n-eval {cfg.n_eval}: --data holds only {len(cot)} chain-of-thought rows to hold out")
-        held = set(random.Random(f"held-out:{cfg.seed}").sample(cot, cfg.n_eval))
-        held_out = [records[i] for i in sorted(held)]
-        records = [r for i, r in enumerate(records) if i not in held]
+        if cfg.eval_data:
+            held_out = read_eval_set(cfg.eval_data, tok, cfg.seq_len, cfg.seed, cfg.skip_bad, log)
+            log(describe_overlap(overlap(records, held_out), len(held_out)))
+        else:
+            cot = [i for i, r in enumerate(records) if isinstance(r, CoTRecord)]
+            if cfg.n_eval > len(cot):
+                raise TrainError(f"--n-eval {cfg.n_eval}: --data holds only {len(cot)} chain-of-thought rows to hold "
+                                 f"out")
+            held = set(random.Random(f"held-out:{cfg.seed}").sample(cot, cfg.n_eval))
+            held_out = [records[i] for i in sorted(held)]
+            records = [r for i, r in enumerate(records) if i not in held]
     else:
         records, held_out, _ = embedded_dataset(cfg.seed, cfg.n_train, cfg.n_eval, cfg.digits)
     examples, dropped = fit_length(encode_many(records, tok), cfg.seq_len, cfg.truncate)
-    log(f"training {describe_fit(len(examples), dropped, cfg.seq_len, cfg.truncate)}; {len(held_out)} held out")
+    log(f"training {describe_fit(len(examples), dropped, cfg.seq_len, cfg.truncate)}; held out: "
+        f"{held_out_name(cfg, held_out)}")
     if not examples:
         raise TrainError(f"no training examples left (--seq-len {cfg.seq_len})")
     if cfg.global_batch > len(examples):  # clamped, not refused: a small data set is legitimate, a false log not
         log(f"warning: --global-batch {cfg.global_batch} is larger than the {len(examples)} training examples: "
             f"each step takes all {len(examples)} (one step per epoch)")
     return examples, held_out
+
+
+def held_out_name(cfg, held_out) -> str:
+    """Which held-out set a run evaluates on, as the log and metrics.jsonl name it."""
+    if cfg.eval_data:
+        return f"--eval-data {cfg.eval_data} ({len(held_out)} records)"
+    if cfg.data:
+        return f"{len(held_out)} chain-of-thought rows of --data (drawn with --seed {cfg.seed})"
+    return f"the embedded task's {len(held_out)} problems"
 
 
 def model_and_optimizer(cfg, tok, resume_from, fingerprint, device, log, sharded=False) -> tuple:
@@ -1288,9 +1315,11 @@ READ_CHUNK = 1 << 24  # bytes per read while checksumming: 16 MiB
 
 
 def checkpoints(out) -> list:
-    """Checkpoint directories in out/checkpoints, oldest first, intact or not (verify_checkpoint tells)."""
+    """The checkpoints remask wrote in out/checkpoints (their owner records say so), oldest first, intact or not
+    (verify_checkpoint tells). Anything else there is not remask's, and left alone."""
     root = Path(out) / "checkpoints"
-    found = [p for p in root.iterdir() if CHECKPOINT.fullmatch(p.name) and p.is_dir()] if root.is_dir() else []
+    found = [p for p in root.iterdir() if CHECKPOINT.fullmatch(p.name) and is_owned(p, "checkpoint")
+             ] if root.is_dir() else []
     return sorted(found, key=checkpoint_step)
 
 
@@ -1379,27 +1408,19 @@ def write_trainer_state(directory, step, cfg, data, **extra):
     torch.save({"step": step, "config": asdict(cfg), "data": data, "rng": rng, **extra}, directory / "trainer.pt")
 
 
-def is_checkpoint_directory(path) -> bool:
-    """What a checkpoint writer may replace: an empty directory or one holding only a checkpoint's entries."""
-    return all(p.name in ("model", "shards", "trainer.pt", CHECKSUMS) for p in Path(path).iterdir())
-
-
-def _remove_checkpoint(path):
-    """Rename to a hidden name first: a kill during the deletion leaves no half checkpoint under a step's name."""
-    hidden = path.with_name(f".{path.name}.deleting")
-    os.rename(path, hidden)
-    shutil.rmtree(hidden)
+def is_owned(path, kind) -> bool:
+    """Whether `path` is a `kind` directory remask made (model.owner)."""
+    return (owner(path) or {}).get("remask") == kind
 
 
 def recover_checkpoints(out):
-    """Repair what killed saves and deletions left in out/checkpoints: a whole checkpoint whose swap a kill
-    interrupted goes back in place (model.recover_directory), half-deleted ones go."""
+    """Put right what killed saves and deletions left in out/checkpoints, where they carry remask's proof
+    (model.recover_directory): a whole checkpoint whose swap a kill interrupted goes back in place, half-deleted
+    ones go. Before every save, and before a --resume reads."""
     root = Path(out) / "checkpoints"
-    for hidden in root.glob(".step-*") if root.is_dir() else []:
-        if hidden.name.endswith(".deleting"):
-            shutil.rmtree(hidden, ignore_errors=True)
-        elif match := re.match(r"\.(step-\d{6,})\.", hidden.name):
-            recover_directory(root / match[1])
+    for step in sorted({m[1] for p in root.iterdir() if (m := re.match(r"\.(step-\d{6,})\.", p.name))}
+                       if root.is_dir() else []):
+        recover_directory(root / step)
 
 
 def save_checkpoint(out, step, model, tok, optimizer, cfg, keep, data) -> Path:
@@ -1408,7 +1429,7 @@ def save_checkpoint(out, step, model, tok, optimizer, cfg, keep, data) -> Path:
     recover_checkpoints(out)
     final = write_directory(Path(out) / "checkpoints" / f"step-{step:06d}",
                             lambda tmp: write_checkpoint(tmp, step, model, tok, optimizer, cfg, data),
-                            replaceable=is_checkpoint_directory)  # a damaged checkpoint of this step, --resume skipped
+                            kind="checkpoint")  # may replace a damaged checkpoint of this step that --resume skipped
     rotate_checkpoints(out, keep, final)
     return final
 
@@ -1433,7 +1454,7 @@ def rotate_checkpoints(out, keep, newest):
     deleted). Later steps are damaged leftovers --resume skipped: they are replaced when the run reaches them."""
     older = [p for p in checkpoints(out) if checkpoint_step(p) < checkpoint_step(newest)]
     for old in older[:max(len(older) - (keep - 1), 0)]:
-        _remove_checkpoint(old)
+        remove_directory(old, "checkpoint")
 
 
 def load_checkpoint(path, cfg: TrainConfig, device, data, sharded=False) -> tuple:
@@ -1559,7 +1580,7 @@ def save_sharded_checkpoint(out, step, model, optimizer, cfg, keep, data) -> Pat
 
     recover_checkpoints(out)
     try:
-        write_directory(final, fill, replaceable=is_checkpoint_directory)
+        write_directory(final, fill, kind="checkpoint")
     except BaseException:
         if not told:  # the other ranks wait for the directory: tell them there is none
             dist.broadcast_object_list([None])
@@ -1659,39 +1680,98 @@ class _StopOnSignal:
             signal.signal(s, handler)
 
 
-def check_run_directory(cfg) -> list:
-    """The run directory policy, checked before anything is read or written: an --out holding checkpoints is
-    continued (--resume) or started over (--overwrite, deleting them only once the run has loaded everything).
-    Returns the checkpoints to resume from ([] for a fresh run)."""
-    out = Path(cfg.out)
+# A run directory: what a run writes there, each checked to be absent or the run's own before any work. The run's
+# owner record (model.OWNER, kind "run") lists the names it wrote: --overwrite replaces those, never anything else.
+RUN_FILES = ("train.log", "metrics.jsonl", "loss.svg")
+RUN_DIRECTORIES = {"checkpoints": "checkpoints", "model": "model"}  # name: the kind of its owner record
+
+
+def run_inputs(cfg) -> dict:
+    """What a run reads, by the flag that names it: inputs are never outputs (model.check_apart)."""
+    reads = {"--model": cfg.model} if cfg.model else {}
+    for spec_flag, spec in (("--data", cfg.data), ("--eval-data", cfg.eval_data)):
+        reads.update({f"{spec_flag} file {path}": path for path, _ in (mixture_parts(spec) if spec else [])})
+    return reads
+
+
+@contextmanager
+def writing_run(cfg, main):
+    """One writer at a time: rank 0 holds an flock on --out for the whole run (the kernel releases it if the process
+    dies), so a second process on the same --out is refused and never disturbs the first. A missing --out is made
+    here as remask's run directory."""
+    if not main:
+        yield
+        return
+    if not cfg.out.strip():
+        raise TrainError("--out is empty: give the run's directory (it is never taken to mean the current one)")
+    out = Path(cfg.out).expanduser()
     blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise TrainError(f"--out {out}: {blocking} is a file, not a directory")
     existing = next(p for p in (out, *out.parents, Path(".")) if p.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
         raise TrainError(f"--out {out}: {existing} is not writable")
+    if not out.exists():
+        make_owned(out, "run", wrote=[])
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise TrainError(f"--out {out}: another remask process is writing this run right now; wait for it to end, "
+                         f"or choose another --out") from None
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def check_run_directory(cfg) -> list:
+    """The run directory policy, checked before anything is read or written: every output is absent or this run
+    directory's own, none is an input, and an --out holding checkpoints is continued (--resume) or started over
+    (--overwrite, replacing only the run's own outputs once it has loaded everything). Returns the checkpoints to
+    resume from ([] for a fresh run)."""
+    out = Path(cfg.out).expanduser()
+    check_apart({f"--out's {name}": out / name for name in (OWNER, *RUN_FILES, *RUN_DIRECTORIES)}, run_inputs(cfg))
+    record = owner(out)
+    if record is not None and record["remask"] != "run":
+        raise TrainError(f"--out {out}: remask's {record['remask']} directory, not a training run's; choose another "
+                         f"--out")
+    for name in RUN_FILES:
+        if ((out / name).exists() or (out / name).is_symlink()) and name not in (record or {}).get("wrote", []):
+            raise TrainError(f"--out {out}: {out / name} is not remask's (the run's record {OWNER} does not list it): "
+                             f"it is left alone; choose another --out, or move it away")
+    for name, kind in RUN_DIRECTORIES.items():
+        try:
+            check_replaceable(out / name, kind)
+        except FileExistsError as e:
+            raise TrainError(f"--out {out}: {e}") from None
+    if cfg.resume and cfg.overwrite:
+        raise TrainError("--resume continues the run in --out and --overwrite starts it over: pass one of them")
     previous = checkpoints(out)
     if cfg.resume and not previous:
         raise TrainError(f"--resume: no checkpoint in {out / 'checkpoints'}")
     if previous and not cfg.resume and not cfg.overwrite:
         raise TrainError(f"{out / 'checkpoints'} holds checkpoints (latest {previous[-1].name}): pass --resume to "
-                         f"continue that run, --overwrite to start over (deleting them), or another --out")
+                         f"continue that run, --overwrite to start over (replacing its outputs), or another --out")
     return previous if cfg.resume else []
 
 
 def claim_run_directory(cfg, previous, log):
-    """Rank 0 makes --out this run's: a fresh run deletes the files of the run layout (an overwritten run's
-    checkpoints among them) and starts train.log with the lines logged so far; a resumed run appends to its own."""
-    out = Path(cfg.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise TrainError(f"--out {out}: {e.strerror}") from None
+    """Rank 0 makes --out this run's: a fresh run deletes what the directory's record says an earlier run wrote (an
+    overwritten run's checkpoints among them) and records what it writes; train.log starts with the lines logged
+    so far, or a resumed run appends to its own."""
+    out = Path(cfg.out).expanduser()
+    record = owner(out) or make_owned(out, "run", wrote=[])
     if not previous:
-        if checkpoints(out):  # --overwrite, checked by check_run_directory
-            shutil.rmtree(out / "checkpoints")
-        for stale in ("metrics.jsonl", "train.log", "loss.svg"):
-            (out / stale).unlink(missing_ok=True)
+        for checkpoint in checkpoints(out):  # --overwrite, checked by check_run_directory
+            remove_directory(checkpoint, "checkpoint")
+        for name in set(RUN_FILES) & set(record["wrote"]):
+            (out / name).unlink(missing_ok=True)
+    if not (out / "checkpoints").exists():
+        make_owned(out / "checkpoints", "checkpoints")
+    record["wrote"] = sorted({*record["wrote"], *RUN_FILES, *RUN_DIRECTORIES})
+    update_owner(out, record)
     log.start_file(out / "train.log")
 
 
@@ -1736,10 +1816,17 @@ def log_metrics(run, metrics, log):
 
 
 def history_until(metrics_file, step) -> list:
-    """The metrics a resumed run keeps: the checkpoint's run's lines up to its step (metrics_file rewritten)."""
-    if not metrics_file.exists():
-        return []
-    history = [m for m in map(json.loads, metrics_file.read_text().splitlines()) if m["step"] <= step]
+    """The metrics a resumed run keeps: the checkpoint's run's log lines up to its step, metrics_file rewritten with
+    them. The checkpoints are the truth: a torn or blank line (a kill mid-write) is dropped, never an error."""
+    history = []
+    for line in metrics_file.read_text(errors="replace").splitlines() if metrics_file.exists() else []:
+        try:
+            metrics = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(metrics, dict) and "loss" in metrics and isinstance(metrics.get("step"), int) and \
+                metrics["step"] <= step:
+            history.append(metrics)
     atomic_write(metrics_file, "".join(json.dumps(m) + "\n" for m in history))
     return history
 
@@ -1907,13 +1994,18 @@ def teacher_forced_loss(model, tok, records, device, precision="fp32", batch_siz
     return total / max(count, 1)
 
 
+def answerable(held_out) -> list:
+    """The held-out records greedy exact match grades: those with an answer (CoT); the loss takes them all."""
+    return [r for r in held_out if isinstance(r, CoTRecord)]
+
+
 def untrained_accuracy(model, tok, held_out, device, precision, log) -> float:
     """Rank 0's, or (sharded) every rank's in step."""
     model.eval()
     with gathered_root(model):
-        accuracy = exact_match(model, tok, held_out, device, precision)[0]
+        accuracy = exact_match(model, tok, answerable(held_out), device, precision)[0]
     model.train()
-    log(f"untrained exact match on {len(held_out)} held-out problems: {accuracy:.1%}")
+    log(f"untrained exact match on {len(answerable(held_out))} held-out problems: {accuracy:.1%}")
     return accuracy
 
 
@@ -1931,14 +2023,23 @@ def finish(run, log):
         model.save_pretrained(final, extra=tok.save)  # the tokenizer joins the directory before it appears
     summary["model"] = str(final)
     log(f"saved the trained model as a Hugging Face directory: {final}")
-    if held_out:
-        model.eval()
-        with gathered_root(model):
-            summary["accuracy"], completions = exact_match(model, tok, held_out, run.device, run.precision)
-            summary["eval_loss"] = teacher_forced_loss(model, tok, held_out, run.device, run.precision)
+    if not held_out:
+        return
+    graded, summary["eval_set"] = answerable(held_out), held_out_name(run.cfg, held_out)
+    model.eval()
+    with gathered_root(model):
+        if graded:
+            summary["accuracy"], completions = exact_match(model, tok, graded, run.device, run.precision)
+        summary["eval_loss"] = teacher_forced_loss(model, tok, held_out, run.device, run.precision)
+    if graded:
         before = f" (untrained: {summary['accuracy_untrained']:.1%})" if "accuracy_untrained" in summary else ""
-        log(f"held-out exact match: {summary['accuracy']:.1%} of {len(held_out)}{before}; teacher-forced loss "
-            f"{summary['eval_loss']:.4f}. Example: {cot_prompt(held_out[0].prompt)!r} -> {completions[0]!r}")
+        log(f"held-out exact match: {summary['accuracy']:.1%} of {len(graded)}{before}. Example: "
+            f"{cot_prompt(graded[0].prompt)!r} -> {completions[0]!r}")
+    log(f"held-out teacher-forced loss: {summary['eval_loss']:.4f} on {summary['eval_set']}")
+    if run.main:
+        with open(run.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": summary["step"], **{k: summary[k] for k in ("eval_set", "accuracy", "eval_loss")
+                                                            if k in summary}}) + "\n")
 
 
 # ----------------------------------------------------------------------------- compare: the card's table at small scale
