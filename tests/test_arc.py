@@ -14,11 +14,10 @@ import torch
 
 import data
 import remask
-from conftest import FIXTURES
+from conftest import STABLELM_TINY, fetch, read_jsonl, save_tiny_model, write_jsonl
 from data import ARCQuestion, DataError
 from model import StableLM
 from remask import evaluate_arc, loglikelihood_tokens, loglikelihoods
-from test_data_download import fetch, viewer  # noqa: F401 (viewer: the local dataset-viewer fixture)
 
 
 def question(i, n_choices=4, gold=None):
@@ -72,11 +71,6 @@ def test_fewshot_contexts_share_one_generator():
 
 
 # ----------------------------------------------------------------------------- the token split
-
-@pytest.fixture(scope="module")
-def neox():
-    return data.load_tokenizer(FIXTURES / "gpt-neox-20b-tokenizer")
-
 
 @pytest.mark.parametrize("context, continuation, context_tail, continuation_tokens", [
     ("Question: Which is a metal?\nAnswer:", " iron", ["Ċ", "Answer", ":"], ["Ġiron"]),
@@ -151,9 +145,10 @@ def test_evaluate_arc_with_a_scripted_model():
 # ----------------------------------------------------------------------------- log-likelihoods on the tiny model
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny_model():
+    """The stablelm-tiny fixture in eval mode."""
     torch.manual_seed(0)
-    return StableLM.from_pretrained(FIXTURES / "stablelm-tiny").eval()
+    return StableLM.from_pretrained(STABLELM_TINY).eval()
 
 
 def reference_loglikelihood(model, context, continuation, max_length):
@@ -166,7 +161,7 @@ def reference_loglikelihood(model, context, continuation, max_length):
     return picked.sum().item(), greedy
 
 
-def test_loglikelihoods_match_a_plain_forward_pass_in_any_batch(tiny):
+def test_loglikelihoods_match_a_plain_forward_pass_in_any_batch(tiny_model):
     """Random pairs of varied lengths (some longer than max_length, so their contexts are cut on the left):
     batch sizes 1, 3 and 8 give the same values to 2e-5 (float32; only the padded length of the matrices differs),
     and each equals an unbatched forward pass of the cut sequence."""
@@ -174,29 +169,29 @@ def test_loglikelihoods_match_a_plain_forward_pass_in_any_batch(tiny):
     pairs = [([rnd.randrange(320) for _ in range(rnd.randint(1, 60))],
               [rnd.randrange(320) for _ in range(rnd.randint(1, 6))]) for _ in range(11)]
     pairs.append(([5] * 80, [7, 8, 9]))  # longer than max_length 48: cut on the left
-    results = {bs: loglikelihood_tokens(tiny, pairs, torch.device("cpu"), batch_size=bs, max_length=48)
+    results = {bs: loglikelihood_tokens(tiny_model, pairs, torch.device("cpu"), batch_size=bs, max_length=48)
                for bs in (1, 3, 8)}
     for bs in (3, 8):
         assert [g for _, g in results[bs]] == [g for _, g in results[1]]
         assert [ll for ll, _ in results[bs]] == pytest.approx([ll for ll, _ in results[1]], abs=2e-5)
     for (context, continuation), (ll, greedy) in zip(pairs, results[8]):
-        expected, expected_greedy = reference_loglikelihood(tiny, context, continuation, 48)
+        expected, expected_greedy = reference_loglikelihood(tiny_model, context, continuation, 48)
         assert ll == pytest.approx(expected, abs=2e-5) and greedy == expected_greedy
         assert ll < 0
 
 
-def test_greedy_flag_and_request_checks(tiny):
+def test_greedy_flag_and_request_checks(tiny_model):
     context = [11, 12, 13]
     ids = torch.tensor([context])
     with torch.no_grad():
         for _ in range(3):  # the model's own greedy continuation
-            ids = torch.cat([ids, tiny(ids)[:, -1].argmax(-1, keepdim=True)], 1)
+            ids = torch.cat([ids, tiny_model(ids)[:, -1].argmax(-1, keepdim=True)], 1)
     greedy_continuation = ids[0, 3:].tolist()
     other = [(greedy_continuation[0] + 1) % 320] + greedy_continuation[1:]
-    results = loglikelihood_tokens(tiny, [(context, greedy_continuation), (context, other)], torch.device("cpu"))
+    results = loglikelihood_tokens(tiny_model, [(context, greedy_continuation), (context, other)], torch.device("cpu"))
     assert [g for _, g in results] == [True, False] and results[0][0] > results[1][0]
     with pytest.raises(ValueError, match="1 to 128 continuation tokens, got 3 and 0"):
-        loglikelihood_tokens(tiny, [(context, [])], torch.device("cpu"))
+        loglikelihood_tokens(tiny_model, [(context, [])], torch.device("cpu"))
 
 
 # ----------------------------------------------------------------------------- reader and downloader
@@ -208,15 +203,10 @@ def arc_row(i, n_choices=4, key=None):
             "answerKey": key or labels[i % n_choices]}
 
 
-def write_rows(path, rows):
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
 def test_read_arc(tmp_path):
     rows = [arc_row(0), arc_row(1, 3), {**arc_row(2, 5), "answerKey": "E"},
             {**arc_row(3), "choices": {"text": ["a", "b", "c", "d"], "label": ["1", "2", "3", "4"]}, "answerKey": "3"}]
-    questions = data.read_arc(write_rows(tmp_path / "arc.jsonl", rows))
+    questions = data.read_arc(write_jsonl(tmp_path / "arc.jsonl", rows))
     assert [q.gold for q in questions] == [0, 1, 4, 2] and [len(q.choices) for q in questions] == [4, 3, 5, 4]
     assert questions[0].question == "Question text 0 – ünïcode\u2028line"  # U+2028 inside a string is no line end
     assert questions[1].choices == ["choice 0 of 1", "choice 1 of 1", "choice 2 of 1"]
@@ -242,12 +232,12 @@ def test_read_arc_names_file_line_and_field(tmp_path, line, message):
 
 def test_read_arc_file_errors(tmp_path):
     for path, message in ((tmp_path / "missing.jsonl", "no such file"), (tmp_path, "a directory"),
-                          (write_rows(tmp_path / "empty.jsonl", []), "no rows")):
+                          (write_jsonl(tmp_path / "empty.jsonl", []), "no rows")):
         with pytest.raises(DataError, match=message):
             data.read_arc(path)
 
 
-def test_download_arc_both_configs_all_splits(viewer, tmp_path):  # noqa: F811 (the imported fixture)
+def test_download_arc_both_configs_all_splits(viewer, tmp_path):
     tables = {(config, split): [arc_row(i) for i in range(n)]
               for config, n in (("ARC-Challenge", 130), ("ARC-Easy", 7)) for split in ("train", "validation", "test")}
     for (config, split), rows in tables.items():
@@ -266,25 +256,20 @@ def test_download_arc_both_configs_all_splits(viewer, tmp_path):  # noqa: F811 (
 @pytest.fixture(scope="module")
 def neox_model_dir(tmp_path_factory, neox):
     """The tiny StableLM with its vocabulary grown to the GPT-NeoX tokenizer's (context 128 tokens)."""
-    path = tmp_path_factory.mktemp("neox-tiny") / "model"
-    model = StableLM.from_pretrained(FIXTURES / "stablelm-tiny")
-    model.resize_vocab(len(neox))
-    model.save_pretrained(path)
-    neox.save(path)
-    return path
+    return save_tiny_model(neox, tmp_path_factory.mktemp("neox-tiny") / "model")
 
 
 def test_eval_arc_command_end_to_end(neox_model_dir, neox, tmp_path, capsys):
     """Four questions of 3, 4, 5 and 3 choices; 25-shot contexts (far beyond the 128-token context: cut on the
     left) in batches of 4, against the log-likelihoods computed here one request at a time."""
-    train = write_rows(tmp_path / "train.jsonl", [arc_row(i) for i in range(30)])
-    test = write_rows(tmp_path / "test.jsonl", [arc_row(100 + i, 3 + i % 3) for i in range(5)])
+    train = write_jsonl(tmp_path / "train.jsonl", [arc_row(i) for i in range(30)])
+    test = write_jsonl(tmp_path / "test.jsonl", [arc_row(100 + i, 3 + i % 3) for i in range(5)])
     out = tmp_path / "arc.jsonl"
     assert remask.main(["eval", "arc", "--model", str(neox_model_dir), "--data", str(test), "--fewshot-data",
                         str(train), "--batch-size", "4", "--limit", "4", "--output", str(out), "--device", "cpu"]) == 0
     printed = capsys.readouterr()
     assert "15 of 15 requests exceed the model's context of 128 tokens" in printed.err
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    rows = read_jsonl(out)
     questions, shots = data.read_arc(test)[:4], data.read_arc(train)
     assert [r["prompt"] for r in rows] == data.arc_contexts(questions, shots)
     model = StableLM.from_pretrained(neox_model_dir).eval()

@@ -1,7 +1,8 @@
 """Checkpoints that can be trusted: each records the size and CRC-32 of every file it holds in checksums.json,
 written last; --resume verifies the newest and falls back to the newest intact one, naming what is wrong (or
 refuses, listing every checkpoint's damage); rotation never deletes the checkpoint just written; a kill -9 at any
-stage of a save leaves a run that resumes bit-exactly; training data changed under the same path is refused."""
+stage of a save (tests/kill_during_save.py) leaves a run that resumes bit-exactly; training data changed under the
+same path is refused."""
 import json
 import os
 import re
@@ -18,21 +19,17 @@ import torch
 
 import data
 import remask
-from conftest import ROOT
+from conftest import (ROOT, TESTS, assert_same_weights, fail_micro_step, quiet, run_weights, tiny_config,
+                      train_flags, write_jsonl)
 from remask import TrainError
-from test_train import _failing_at, tiny, weights
 
 FILES = ("model/model.safetensors", "model/config.json", "model/tokenizer.json", "trainer.pt", "checksums.json")
-
-
-def quiet(message):
-    pass
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """Checkpoints of steps 1, 2 and 3 of a 4-step run, copied by each test that damages them."""
-    cfg = tiny(tmp_path_factory.mktemp("base"), epochs=2, save_every=1, keep=3, stop_at=3)
+    cfg = tiny_config(tmp_path_factory.mktemp("base"), epochs=2, save_every=1, keep=3, stop_at=3)
     remask.train(cfg, log=quiet)
     return cfg
 
@@ -40,9 +37,9 @@ def base(tmp_path_factory):
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     """The same 4-step run without interruption: what every resumed run must end with, bit for bit."""
-    cfg = tiny(tmp_path_factory.mktemp("straight"), epochs=2)
+    cfg = tiny_config(tmp_path_factory.mktemp("straight"), epochs=2)
     remask.train(cfg, log=quiet)
-    return weights(cfg.out)
+    return run_weights(cfg.out)
 
 
 def copy_run(base, tmp_path, **overrides):
@@ -68,12 +65,6 @@ def damage(file, how):
         file.write_bytes(content[:start] + finite_garbage(n) + content[start + n:])
 
 
-def assert_same_weights(out, reference):
-    final = weights(out)
-    for name, w in reference.items():
-        assert torch.equal(final[name], w), name
-
-
 def saves_of(out):
     return [p.name for p in remask.checkpoints(out)]
 
@@ -82,7 +73,7 @@ def save_fresh(out):
     """Checkpoint 1 of a fresh debug model, without training."""
     model = remask.StableLM(remask.Config.named("debug"))
     return remask.save_checkpoint(out, 1, model, data.embedded_tokenizer(), remask.Lilith(model.parameters(), lr=1e-3),
-                                  tiny(out), keep=1, data=remask.data_fingerprint([]))
+                                  tiny_config(out), keep=1, data=remask.data_fingerprint([]))
 
 # ----------------------------------------------------------------------------- what a checkpoint holds
 
@@ -159,7 +150,7 @@ def test_garbage_in_the_weights_is_skipped_and_the_resumed_run_is_bit_exact(tmp_
     assert len(skipped) == 1 and "step-000003 (model/model.safetensors: not the bytes that were written" in skipped[0]
     assert any("resumed from" in line and line.endswith("step-000002 at step 2") for line in lines)
     assert summary["step"] == 4 and remask.verify_checkpoint(remask.checkpoints(cfg.out)[-1]) == []
-    assert_same_weights(cfg.out, straight)
+    assert_same_weights(run_weights(cfg.out), straight)
 
 
 def test_nan_garbage_never_becomes_the_last_good_checkpoint(tmp_path, base, monkeypatch):
@@ -170,7 +161,7 @@ def test_nan_garbage_never_becomes_the_last_good_checkpoint(tmp_path, base, monk
     content = weights_file.read_bytes()
     nan = np.full(1024, np.nan, dtype=np.float32).tobytes()
     weights_file.write_bytes(content[:-len(nan)] + nan)
-    _failing_at(monkeypatch, 1, lambda loss: loss * float("nan"))
+    fail_micro_step(monkeypatch, 1, lambda loss: loss * float("nan"))
     with pytest.raises(TrainError, match=r"loss is nan at step 3.*last good checkpoint: \S*step-000002 "):
         remask.train(replace(cfg, resume=True, stop_at=0), log=quiet)
 
@@ -182,8 +173,7 @@ def test_no_intact_checkpoint_is_refused_listing_each(tmp_path, base, capsys):
     damage(second / "checksums.json", "missing")
     damage(third / "model" / "tokenizer.json", "truncated")
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")}
-    flags = [f"--{remask._flag(k)}={v}" for k, v in asdict(cfg).items() if not isinstance(v, bool) and v != ""]
-    assert remask.main(["train", *flags, "--resume"]) == 1
+    assert remask.main(["train", *train_flags(cfg), "--resume"]) == 1
     message = capsys.readouterr().err.strip()
     assert message.startswith("error: --resume: no intact checkpoint") and "\n" not in message
     assert "Traceback" not in message
@@ -215,70 +205,17 @@ def test_rotation_keeps_the_checkpoint_just_written_over_damaged_later_ones(tmp_
     assert remask.verify_checkpoint(second) == [] and remask.verify_checkpoint(third) != []
     remask.train(replace(cfg, resume=True, stop_at=0), log=quiet)
     assert saves_of(cfg.out) == ["step-000004"]
-    assert_same_weights(cfg.out, straight)
+    assert_same_weights(run_weights(cfg.out), straight)
 
 # ----------------------------------------------------------------------------- kill -9 during a save
 
 
-# A server process imports remask once and forks a child per run (a fork of a process that never ran torch's
-# thread pools is safe): each child patches itself to SIGKILL itself at one stage of the save of step 3.
-SERVER = """
-import json, os, signal, sys, traceback
-sys.path.insert(0, sys.argv[1])
-import remask
-saving = ".step-000003."  # the temporary directory of the save of step 3
-
-
-def die():
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def run(stage, settings):
-    real_save, real_checksums, real_rmtree = remask.torch.save, remask.write_checksums, remask.shutil.rmtree
-
-    def save(obj, file, *args, **kwargs):
-        if stage == "model/ written" and saving in str(file):
-            die()
-        real_save(obj, file, *args, **kwargs)
-        if stage == "trainer.pt written" and saving in str(file):
-            die()
-
-    def write_checksums(directory):
-        real_checksums(directory)
-        if stage == "checksums.json half written" and saving in str(directory):
-            text = (directory / "checksums.json").read_text()
-            (directory / "checksums.json").write_text(text[:len(text) // 2])
-            die()
-
-    def rmtree(path, *args, **kwargs):
-        if stage == "rotation" and path.name.startswith(".step-000001."):
-            next(f for f in path.rglob("*") if f.is_file()).unlink()  # part of the old checkpoint deleted
-            die()
-        real_rmtree(path, *args, **kwargs)
-
-    remask.torch.save, remask.write_checksums, remask.shutil.rmtree = save, write_checksums, rmtree
-    remask.train(remask.TrainConfig(**settings), log=lambda message: None)
-
-
-for request in sys.stdin:
-    child = os.fork()
-    if child == 0:
-        signal.alarm(120)  # a hung child ends, and the test fails, rather than the suite hanging
-        try:
-            run(*json.loads(request))
-            os._exit(0)
-        except BaseException:
-            traceback.print_exc()
-            os._exit(1)
-    print(os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]), flush=True)
-"""
-
-
 @pytest.fixture(scope="module")
 def killed_run():
-    """run(stage, cfg) -> the exit code of a training run killed at that stage (-9)."""
-    server = subprocess.Popen([sys.executable, "-c", SERVER, str(ROOT)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    """run(stage, cfg) -> the exit code of a training run killed at that stage (-9), from tests/kill_during_save.py."""
+    server = subprocess.Popen([sys.executable, str(TESTS / "kill_during_save.py"), str(ROOT)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
 
     def run(stage, cfg):
         server.stdin.write(json.dumps([stage, asdict(cfg)]) + "\n")
@@ -292,7 +229,7 @@ def killed_run():
 @pytest.mark.parametrize("stage, resumed_from", [("model/ written", 2), ("trainer.pt written", 2),
                                                  ("checksums.json half written", 2), ("rotation", 3)])
 def test_kill_at_each_stage_of_a_save_then_resume_is_bit_exact(tmp_path, straight, killed_run, stage, resumed_from):
-    cfg = tiny(tmp_path, epochs=2, save_every=1, keep=2)
+    cfg = tiny_config(tmp_path, epochs=2, save_every=1, keep=2)
     assert killed_run(stage, cfg) == -signal.SIGKILL
     assert any(p.name.startswith(".step-") for p in (tmp_path / "run" / "checkpoints").iterdir())  # left behind
     lines = []
@@ -301,27 +238,27 @@ def test_kill_at_each_stage_of_a_save_then_resume_is_bit_exact(tmp_path, straigh
     assert f"resumed from {resumed} at step {resumed_from}" in lines and not any("skipping" in l for l in lines)
     assert summary["step"] == 4 and saves_of(cfg.out) == ["step-000003", "step-000004"]
     assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith(".")]
-    assert_same_weights(cfg.out, straight)
+    assert_same_weights(run_weights(cfg.out), straight)
 
 # ----------------------------------------------------------------------------- the data is part of the recipe
 
 
-def write_rows(path, records):
-    path.write_text("".join(json.dumps({"prompt": r.prompt, "rationale": r.rationale, "target": r.answer}) + "\n"
-                            for r in records))
+def as_tinycot_rows(records):
+    """CoT records as rows of TinyCoT's schema (prompt, rationale, target)."""
+    return [{"prompt": r.prompt, "rationale": r.rationale, "target": r.answer} for r in records]
 
 
 def test_resume_refuses_training_data_changed_under_the_same_path(tmp_path):
     additions = [r for r in data.embedded_dataset(0, 200, 0, 2)[0] if isinstance(r, data.CoTRecord)]
     rows = tmp_path / "rows.jsonl"
-    write_rows(rows, additions[:64])
-    cfg = tiny(tmp_path, data=str(rows), stop_at=1)
+    write_jsonl(rows, as_tinycot_rows(additions[:64]))
+    cfg = tiny_config(tmp_path, data=str(rows), stop_at=1)
     remask.train(cfg, log=quiet)
-    write_rows(rows, additions[:20])
+    write_jsonl(rows, as_tinycot_rows(additions[:20]))
     with pytest.raises(TrainError, match=r"the training data changed since \S*step-000001: 64 examples -> 20;"):
         remask.train(replace(cfg, resume=True), log=quiet)
-    write_rows(rows, additions[64:128])
+    write_jsonl(rows, as_tinycot_rows(additions[64:128]))
     with pytest.raises(TrainError, match=r"changed since \S*step-000001: same count \(64 examples\), different"):
         remask.train(replace(cfg, resume=True), log=quiet)
-    write_rows(rows, additions[:64])  # the data put back: the run goes on
+    write_jsonl(rows, as_tinycot_rows(additions[:64]))  # the data put back: the run goes on
     assert remask.train(replace(cfg, resume=True, stop_at=2), log=quiet)["step"] == 2

@@ -12,6 +12,7 @@ import torch
 
 import data
 import remask
+from conftest import quiet, write_jsonl
 from model import Config, StableLM
 from remask import TrainConfig
 
@@ -141,7 +142,7 @@ def test_tiny_compare_through_the_cli_recomputes(tmp_path, capsys):
     # the same seed alone repeats its runs exactly (deterministic on a CPU, independent of the other seeds)
     args = remask.build_parser().parse_args(["compare", "--out", str(tmp_path / "b")] + flags)
     cfg = remask.config_from_args(args, {"name": "compare", **remask.COMPARE})
-    again = remask.compare(cfg, seeds=[1], modes=["remask"], eval_points=2, log=lambda m: None)
+    again = remask.compare(cfg, seeds=[1], modes=["remask"], eval_points=2, log=quiet)
     assert again["runs"][0]["curve"] == runs[-1]["curve"]
 
 
@@ -157,15 +158,14 @@ def test_real_data_holds_out_a_seeded_split_of_cot_rows(tmp_path):
     rows = [{"prompt": f"What is {i}+{i}?", "rationale": f"{i}+{i}={2 * i}", "target": str(2 * i)}
             for i in range(10)]
     rows += [{"post_title": f"Say {w}", "post_text": "", "comment_text": w} for w in ("hi", "yo", "ok")]
-    path = tmp_path / "mix.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = write_jsonl(tmp_path / "mix.jsonl", rows)
     tok = data.embedded_tokenizer()
     cfg = TrainConfig(data=str(path), n_eval=4, seq_len=64)
-    train, held = remask.load_examples(cfg, tok, log=lambda m: None)
+    train, held = remask.load_examples(cfg, tok, log=quiet)
     assert len(held) == 4 and all(isinstance(r, data.CoTRecord) for r in held) and len(train) == 9
     train_texts = {tok.decode(e.ids.tolist()) for e in train}
     assert not any(data.format_record(r) in train_texts for r in held)
-    assert remask.load_examples(cfg, tok, log=lambda m: None)[1] == held  # the seed decides
-    assert remask.load_examples(replace(cfg, seed=1), tok, log=lambda m: None)[1] != held
+    assert remask.load_examples(cfg, tok, log=quiet)[1] == held  # the seed decides
+    assert remask.load_examples(replace(cfg, seed=1), tok, log=quiet)[1] != held
     with pytest.raises(remask.TrainError, match="only 10 chain-of-thought rows"):
-        remask.load_examples(replace(cfg, n_eval=11), tok, log=lambda m: None)
+        remask.load_examples(replace(cfg, n_eval=11), tok, log=quiet)

@@ -11,16 +11,10 @@ import pytest
 import torch
 
 import data
-from conftest import FIXTURES
+from conftest import NEOX_DIR
 
-NEOX = FIXTURES / "gpt-neox-20b-tokenizer"
 PIECES = ["the", "cat", " sat", "What", "is", "café", "漢字", "😀", "—", "  ", " ", "\n", "\n\n", "\t", "42", "7",
           "3.14", "!", "?", ",", "<", "|", ">", "'s", "don't", "x=1", "(a)", "\u00a0", "e\u0301"]
-
-
-@pytest.fixture(scope="module")
-def neox():
-    return data.load_tokenizer(NEOX)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +58,7 @@ def test_neox_fixture_ids_and_single_tag_ids(neox):
     assert ids == [50277, 50278, 50279, 50280, 50281]  # the first spare rows of StableLM's 50304
     assert len(neox) == 50282 and neox.eos_id == 0 and neox.pad_id == 0
     old = {(29, 93, 4537, 49651): neox.user_id, (29, 93, 515, 5567, 49651): neox.assistant_id}
-    for case in json.loads((NEOX / "expected.json").read_text()):
+    for case in json.loads((NEOX_DIR / "expected.json").read_text()):
         expected, i = [], 0
         while i < len(case["ids"]):
             piece = next((p for p in old if tuple(case["ids"][i:i + len(p)]) == p), None)
@@ -122,10 +116,10 @@ def test_tokenizer_errors(tmp_path):
     (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": 5}')
     with pytest.raises(data.DataError, match="not a tokenizer the `tokenizers` library can load"):
         data.load_tokenizer(tmp_path)
-    neox = json.loads((NEOX / "tokenizer.json").read_text())
-    neox["added_tokens"] = neox["added_tokens"][1:]
-    del neox["model"]["vocab"]["<|endoftext|>"]
-    (tmp_path / "tokenizer.json").write_text(json.dumps(neox))
+    neox_json = json.loads((NEOX_DIR / "tokenizer.json").read_text())
+    neox_json["added_tokens"] = neox_json["added_tokens"][1:]
+    del neox_json["model"]["vocab"]["<|endoftext|>"]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(neox_json))
     with pytest.raises(data.DataError, match="has no <\\|endoftext\\|> token"):
         data.load_tokenizer(tmp_path)
 

@@ -1,15 +1,10 @@
-"""data.py downloader against a local stand-in for the dataset viewer's /rows API (127.0.0.1 only):
-pagination, retries of server errors and cut connections, an interrupted download resumed, truncated cells
-refused, client errors reported, and the atomic final file."""
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import SimpleNamespace
-from urllib.parse import parse_qs, urlparse
-
+"""data.py downloader against a local stand-in for the dataset viewer's /rows API (conftest.py's viewer fixture,
+127.0.0.1 only): pagination, retries of server errors and cut connections, an interrupted download resumed,
+truncated cells refused, client errors reported, and the atomic final file."""
 import pytest
 
 import data
+from conftest import fetch, quiet, read_jsonl
 
 
 def tinycot_rows(n):
@@ -17,75 +12,12 @@ def tinycot_rows(n):
             for i in range(n)]
 
 
-@pytest.fixture
-def viewer():
-    """A server holding tables {(dataset, config, split): rows}. `state.script` is a list of faults served to
-    the next requests in turn ("500", "429", "cut": half a body then a closed connection); `state.down_from`
-    makes every request at or past that offset fail with 503."""
-    state = SimpleNamespace(tables={}, script=[], down_from=None, truncated={}, requests=[])
-
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def reply(self, code, body, cut=False):
-            raw = json.dumps(body).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(raw)))
-            self.end_headers()
-            self.wfile.write(raw[:len(raw) // 2] if cut else raw)
-            self.close_connection = cut
-
-        def do_GET(self):
-            url = urlparse(self.path)
-            q = {k: v[0] for k, v in parse_qs(url.query).items()}
-            state.requests.append(q)
-            fault = state.script.pop(0) if state.script else None
-            if url.path != "/rows":
-                return self.reply(404, {"error": "Not found."})
-            offset, length = int(q["offset"]), int(q["length"])
-            if fault in ("500", "429"):
-                return self.reply(int(fault), {"error": "try later"})
-            if state.down_from is not None and offset >= state.down_from:
-                return self.reply(503, {"error": "Service unavailable"})
-            table = state.tables.get((q["dataset"], q["config"], q["split"]))
-            if table is None:
-                return self.reply(404, {"error": "The dataset does not exist, or is not accessible."})
-            if length > 100:
-                return self.reply(422, {"error": "Parameter 'length' must not be greater than 100"})
-            rows = [{"row_idx": i, "row": table[i], "truncated_cells": state.truncated.get(i, [])}
-                    for i in range(offset, min(offset + length, len(table)))]
-            features = [{"feature_idx": j, "name": k, "type": {"dtype": "string", "_type": "Value"}}
-                        for j, k in enumerate(table[0])]
-            self.reply(200, {"features": features, "rows": rows, "num_rows_total": len(table),
-                             "num_rows_per_page": 100, "partial": False}, cut=fault == "cut")
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    state.endpoint = f"http://127.0.0.1:{server.server_address[1]}"
-    yield state
-    server.shutdown()
-    server.server_close()
-
-
-def fetch(viewer, name, out, **kw):
-    logs = []
-    kw = dict(retries=3, backoff=0.0, timeout=10.0, log=logs.append) | kw
-    return data.download(name, out, viewer.endpoint, **kw), logs
-
-
-def read_lines(path):
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-
-
 def test_pages_retries_and_atomic_file(viewer, tmp_path):
     rows = tinycot_rows(250)
     viewer.tables[("euclaise/TinyCoT", "default", "train")] = rows
     viewer.script = ["500", "cut", "429"]  # the first page fails three ways before it succeeds
     paths, logs = fetch(viewer, "tinycot", tmp_path)
-    assert paths == [tmp_path / "tinycot.jsonl"] and read_lines(paths[0]) == rows
+    assert paths == [tmp_path / "tinycot.jsonl"] and read_jsonl(paths[0]) == rows
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tinycot.jsonl"]  # no partial or temporary left
     assert [(int(q["offset"]), int(q["length"])) for q in viewer.requests] == \
         [(0, 100)] * 4 + [(100, 100), (200, 100)]
@@ -105,14 +37,14 @@ def test_interrupted_download_resumes_where_it_stopped(viewer, tmp_path):
     with pytest.raises(data.DownloadError, match=r"offset=300.*gave up after 4 attempts \(HTTP 503") as error:
         fetch(viewer, "tinycot", tmp_path)
     assert str(error.value).endswith(f"(300 rows are kept in {partial}; the same command resumes after them)")
-    assert not (tmp_path / "tinycot.jsonl").exists() and read_lines(partial) == rows[:300]
+    assert not (tmp_path / "tinycot.jsonl").exists() and read_jsonl(partial) == rows[:300]
     with open(partial, "ab") as f:  # and the process died in the middle of writing a line
         f.write(b'{"prompt": "What is 300+')
     viewer.down_from, viewer.requests = None, []
     paths, logs = fetch(viewer, "tinycot", tmp_path)
     assert logs[1] == "tinycot.jsonl: resuming at row 300"
     assert [int(q["offset"]) for q in viewer.requests] == [300, 400]
-    assert read_lines(paths[0]) == rows and not partial.exists()
+    assert read_jsonl(paths[0]) == rows and not partial.exists()
 
 
 def test_truncated_cells_are_refused_naming_the_rows(viewer, tmp_path):
@@ -123,7 +55,7 @@ def test_truncated_cells_are_refused_naming_the_rows(viewer, tmp_path):
                                                  r"row 171 \(post_text, comment_text\).*parquet"):
         fetch(viewer, "reddit", tmp_path)
     assert not (tmp_path / "reddit.jsonl").exists()
-    assert len(read_lines(tmp_path / "reddit.jsonl.partial")) == 130  # only whole rows are kept
+    assert len(read_jsonl(tmp_path / "reddit.jsonl.partial")) == 130  # only whole rows are kept
     with pytest.raises(data.DownloadError, match=r"truncated row 130") as error:  # the same fault again
         fetch(viewer, "reddit", tmp_path)
     assert str(error.value).endswith(f"(130 rows are kept in {tmp_path / 'reddit.jsonl.partial'})")  # no resume
@@ -140,7 +72,7 @@ def test_gsm8k_splits_and_client_errors(viewer, tmp_path):
     viewer.tables[("openai/gsm8k", "main", "test")] = test
     paths, _ = fetch(viewer, "gsm8k", tmp_path)
     assert [p.name for p in paths] == ["gsm8k-train.jsonl", "gsm8k-test.jsonl"]
-    assert read_lines(paths[0]) == train and read_lines(paths[1]) == test
+    assert read_jsonl(paths[0]) == train and read_jsonl(paths[1]) == test
     viewer.requests.clear()
     with pytest.raises(data.DownloadError, match="HTTP 404 The dataset does not exist"):
         fetch(viewer, "oasst2", tmp_path)
@@ -149,7 +81,7 @@ def test_gsm8k_splits_and_client_errors(viewer, tmp_path):
         fetch(viewer, "nope", tmp_path)
     with pytest.raises(data.DownloadError, match="gave up after 2 attempts"):
         data.download("tinycot", tmp_path, "http://127.0.0.1:9", retries=1, backoff=0.0, timeout=2.0,
-                      log=lambda m: None)  # nothing listens on port 9 (discard): connection refused, retried
+                      log=quiet)  # nothing listens on port 9 (discard): connection refused, retried
 
 
 def test_download_command_all(viewer, tmp_path, capsys):
@@ -162,7 +94,7 @@ def test_download_command_all(viewer, tmp_path, capsys):
         [*arc, "gsm8k-test.jsonl", "gsm8k-train.jsonl", "oasst2.jsonl", "reddit.jsonl", "tinycot.jsonl"]
     viewer.tables[("sablo/oasst2_curated", "default", "train")] = tinycot_rows(5)
     data.main(["download", "oasst2", "--out", str(tmp_path), "--endpoint", viewer.endpoint, "--force"])
-    assert len(read_lines(tmp_path / "oasst2.jsonl")) == 5
+    assert len(read_jsonl(tmp_path / "oasst2.jsonl")) == 5
     viewer.down_from = 0
     with pytest.raises(SystemExit) as exit:
         data.main(["download", "tinycot", "--out", str(tmp_path / "new"), "--endpoint", viewer.endpoint,
@@ -216,4 +148,4 @@ def test_ctrl_c_keeps_only_a_partial_file_with_rows(viewer, tmp_path, monkeypatc
         fetch(viewer, "tinycot", tmp_path, log=logs.append)
     partial = tmp_path / "tinycot.jsonl.partial"
     assert logs[-1] == f"tinycot.jsonl: 200 rows are kept in {partial}; the same command resumes after them"
-    assert len(read_lines(partial)) == 200
+    assert len(read_jsonl(partial)) == 200

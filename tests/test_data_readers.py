@@ -5,9 +5,7 @@ import os
 import pytest
 
 import data
-from conftest import FIXTURES
-
-NEOX = FIXTURES / "gpt-neox-20b-tokenizer"
+from conftest import NEOX_DIR, quiet, run_cli, write_jsonl
 
 TINYCOT = {"prompt": "What is 2+3?", "rationale": "2+3 means adding 3 to 2.\nThat is 5.", "target": "5",
            "source": "hand"}
@@ -17,12 +15,6 @@ REDDIT_TITLE_ONLY = {"post_title": "ELI5 tides", "post_text": "", "comment_text"
                      "comment_score": 3, "post_score": 7}
 OASST = {"messages": [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello."},
                       {"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "7"}]}
-
-
-def write_jsonl(path, rows):
-    """One line per row: a str is written as it is (a raw line), anything else as JSON."""
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
 
 
 def test_each_schema_reads_as_the_card_formats_it(tmp_path):
@@ -107,8 +99,8 @@ def test_mixture_samples_with_the_seed(tmp_path):
     log = []
     a = data.read_mixture(spec, seed=1, log=log.append)
     assert len(a) == 15 and sum(isinstance(r, data.CoTRecord) for r in a) == 5
-    assert a == data.read_mixture(spec, seed=1, log=lambda m: None)
-    b = data.read_mixture(spec, seed=2, log=lambda m: None)
+    assert a == data.read_mixture(spec, seed=1, log=quiet)
+    b = data.read_mixture(spec, seed=2, log=quiet)
     assert a[:5] == b[:5] and a[5:] != b[5:]  # whole files are whole; ":N" draws depend on the seed
     titles = [r.turns[0][0].split("\n")[0] for r in a[5:]]
     assert len(set(titles)) == 10 and titles == sorted(titles, key=lambda t: int(t[1:]))  # kept in file order
@@ -134,7 +126,7 @@ def test_a_file_without_rows_says_why(tmp_path, monkeypatch, content, count, mes
     monkeypatch.chdir(tmp_path)
     (tmp_path / "d.jsonl").write_text(content, encoding="utf-8")
     with pytest.raises(data.DataError, match=message):
-        data.read_mixture("d.jsonl" + count, skip_bad=True, log=lambda m: None)
+        data.read_mixture("d.jsonl" + count, skip_bad=True, log=quiet)
 
 
 @pytest.mark.parametrize("text,rows", [
@@ -164,12 +156,11 @@ def test_describe_fit(kept, dropped, seq_len, truncate, line):
     assert data.describe_fit(kept, dropped, seq_len, truncate) == line
 
 
-def test_load_dataset_reports_skipped_and_dropped(tmp_path):
-    tok = data.load_tokenizer(NEOX)
+def test_load_dataset_reports_skipped_and_dropped(neox, tmp_path):
     long = dict(TINYCOT, rationale=" ".join(["word"] * 300))
     write_jsonl(tmp_path / "d.jsonl", [TINYCOT, long, '{"broken', REDDIT])
     log = []
-    examples = data.load_dataset(str(tmp_path / "d.jsonl"), tok, 256, skip_bad=True, log=log.append)
+    examples = data.load_dataset(str(tmp_path / "d.jsonl"), neox, 256, skip_bad=True, log=log.append)
     assert len(examples) == 2
     assert log[0].startswith(f"{tmp_path}/d.jsonl: 3 examples, skipped 1 bad rows (first: {tmp_path}/d.jsonl:3:")
     assert log[1] == "2 examples; 1 dropped as longer than 256 tokens"
@@ -178,7 +169,7 @@ def test_load_dataset_reports_skipped_and_dropped(tmp_path):
 def test_show_command(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the embedded tokenizer's cache
     write_jsonl(tmp_path / "d.jsonl", [TINYCOT, OASST])
-    data.main(["show", str(tmp_path / "d.jsonl"), "--tokenizer", str(NEOX),
+    data.main(["show", str(tmp_path / "d.jsonl"), "--tokenizer", str(NEOX_DIR),
                "--mode", "sft"])
     out = capsys.readouterr().out
     assert "added to the tokenizer: <|user|> <|assistant|> <|rationale|> <|answer|> <|mask|>; 50282" in out
@@ -188,10 +179,10 @@ def test_show_command(tmp_path, capsys, monkeypatch):
     data.main(["show", "embedded", "--limit", "1", "--digits", "2"])
     assert "--- example 0 (mode remask" in capsys.readouterr().out
     assert list((tmp_path / "cache" / "remask").iterdir())
-    assert run_cli(["show", str(tmp_path / "d.jsonl")], capsys)[::2] == \
+    assert run_cli(data.main, ["show", str(tmp_path / "d.jsonl")], capsys)[::2] == \
         (1, "error: show needs --tokenizer MODEL_DIR for a data file (token counts depend on it)\n")
     write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p"}])
-    code, _, err = run_cli(["show", str(tmp_path / "bad.jsonl"), "--tokenizer", str(NEOX)], capsys)
+    code, _, err = run_cli(data.main, ["show", str(tmp_path / "bad.jsonl"), "--tokenizer", str(NEOX_DIR)], capsys)
     assert code == 1 and err.startswith(f"error: {tmp_path}/bad.jsonl:1: unknown schema")
     for argv in (["--help"], ["show", "--help"], ["download", "--help"]):
         with pytest.raises(SystemExit) as exit:
@@ -206,14 +197,6 @@ def small_home(tmp_path_factory):
     home = tmp_path_factory.mktemp("small")
     data.embedded_tokenizer(home / "cache" / "remask").save(home / "model")
     return home
-
-
-def run_cli(argv, capsys):
-    """(exit code, stdout, stderr) of `data.py ARGV` run in this process: a traceback would fail the test."""
-    with pytest.raises(SystemExit) as exit:
-        data.main(argv)
-    out, err = capsys.readouterr()
-    return exit.value.code, out, err
 
 
 @pytest.mark.parametrize("argv,code,message", [
@@ -244,7 +227,7 @@ def test_bad_flags_and_files_give_one_error_line(tmp_path, capsys, monkeypatch, 
     monkeypatch.setenv("XDG_CACHE_HOME", str(small_home / "cache"))
     (tmp_path / "empty.jsonl").write_text("")
     names = dict(tmp=tmp_path, file=tmp_path / "empty.jsonl", tok=small_home / "model")
-    got, out, err = run_cli([a.format(**names) for a in argv], capsys)
+    got, out, err = run_cli(data.main, [a.format(**names) for a in argv], capsys)
     assert got == code and (code == 1 or out == "")  # a bad flag stops before any work
     assert err.startswith("error: " + message.format(**names)) and err.count("\n") == 1, err
     assert list(tmp_path.iterdir()) == [tmp_path / "empty.jsonl"]  # nothing written
@@ -254,7 +237,7 @@ def test_bad_flags_and_files_give_one_error_line(tmp_path, capsys, monkeypatch, 
 def test_download_into_an_unwritable_directory(tmp_path, capsys):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
-    code, _, err = run_cli(["download", "tinycot", "--out", str(locked / "data")], capsys)
+    code, _, err = run_cli(data.main, ["download", "tinycot", "--out", str(locked / "data")], capsys)
     assert code == 2 and err == f"error: --out {locked / 'data'}: {locked} is not writable\n"
 
 
@@ -263,4 +246,4 @@ def test_ctrl_c_exits_130_with_one_line(capsys, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(data, "_show", interrupted)
-    assert run_cli(["show", "embedded"], capsys) == (130, "", "interrupted\n")
+    assert run_cli(data.main, ["show", "embedded"], capsys) == (130, "", "interrupted\n")

@@ -2,7 +2,7 @@
 end with the weights of 1 process. Sharded training (--parallel fsdp, FSDP2): 2 ranks give the weights of 1
 process in every mode (so Lilith's trust ratio uses norms of whole tensors, not of the rank's slice), a sharded
 stop/resume is bit-identical to an uninterrupted sharded run, and a damaged or differently sharded checkpoint is
-refused. One torchrun launch (this file as a script) runs every 2-rank training, 4 steps of the tiny model each."""
+refused. One torchrun launch (this file as a script) runs every 2-rank training, 4 steps of tiny_config each."""
 import os
 import shutil
 import subprocess
@@ -14,11 +14,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import remask  # noqa: E402
-from remask import TrainError  # noqa: E402
-from test_train import metrics, tiny, weights  # noqa: E402
+# conftest first: it puts the repository root on sys.path, also where torchrun runs this file as a script
+from conftest import (assert_same_weights, assert_weights_close, quiet, run_metrics, run_weights, tiny_config,
+                      train_flags)
+import remask
+from remask import TrainError
 
 # remask accumulates 2 micro-batches per rank and step (the reduce-scatter waits for the second) and saves at step 2;
 # masked-thought also recomputes blocks (--grad-checkpointing: their weights are all-gathered again in backward);
@@ -29,7 +29,8 @@ RUNS = {"remask": dict(micro_batch=4, save_every=2), "masked-thought": dict(grad
 
 def sharded(out, name, mode=None, **overrides):
     """4 optimizer steps of 16 sequences, 8 per rank on 2 ranks."""
-    return tiny(out, name, **{"mode": mode or name, "epochs": 2, "micro_batch": 8, "parallel": "fsdp", **overrides})
+    return tiny_config(out, name, **{"mode": mode or name, "epochs": 2, "micro_batch": 8, "parallel": "fsdp",
+                                     **overrides})
 
 
 def from_step_2(out, name, copy=True):
@@ -43,9 +44,8 @@ def from_step_2(out, name, copy=True):
 
 def ddp_flags(out):
     """The command line of the DDP run: 8 sequences per rank of the single process's 16 (micro-batch 16)."""
-    single = tiny(out, "single", epochs=2)
-    return [f"--{remask._flag(k)}={v}" for k, v in vars(single).items() if k not in ("out", "micro_batch")
-            and not isinstance(v, bool) and v != ""] + [f"--out={out / 'ddp'}", "--micro-batch=8", "--group-by-length"]
+    single = tiny_config(out, "single", epochs=2)
+    return train_flags(replace(single, out=str(out / "ddp"), micro_batch=8)) + ["--group-by-length"]
 
 
 def worker(out):
@@ -74,30 +74,28 @@ def two_ranks(tmp_path_factory):
 
 def test_two_ddp_processes_match_one(two_ranks, tmp_path):
     """Each rank draws half of every global batch; the weights end as those of one process doing the whole batch."""
-    single = tiny(tmp_path, "single", micro_batch=16, epochs=2)
-    remask.train(single, log=lambda m: None)
+    single = tiny_config(tmp_path, "single", micro_batch=16, epochs=2)
+    remask.train(single, log=quiet)
     out = two_ranks / "ddp"
-    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]  # logged once, by rank 0
-    for m, ref in zip(metrics(out), metrics(single.out)):
+    assert [m["step"] for m in run_metrics(out)] == [1, 2, 3, 4]  # logged once, by rank 0
+    for m, ref in zip(run_metrics(out), run_metrics(single.out)):
         assert m["loss"] == pytest.approx(ref["loss"], rel=1e-5)  # the global loss, summed over ranks
         assert m["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4)  # Lilith would hide a scale error
-    for name, w in weights(single.out).items():
-        torch.testing.assert_close(weights(out)[name], w, rtol=1e-4, atol=2e-6)
+    assert_weights_close(run_weights(out), run_weights(single.out))
 
 
 @pytest.mark.parametrize("name", RUNS)
 def test_two_sharded_ranks_match_one_process(two_ranks, tmp_path, name):
     """Weights equal to fp32 rounding (rtol 1e-4, atol 2e-6, as DDP's test): the order of float sums differs.
     A trust ratio of slices would be off by ~1/sqrt(2) per tensor and move the weights far beyond that."""
-    single = tiny(tmp_path, "single", mode=name, epochs=2, micro_batch=16)
-    remask.train(single, log=lambda m: None)
+    single = tiny_config(tmp_path, "single", mode=name, epochs=2, micro_batch=16)
+    remask.train(single, log=quiet)
     out = two_ranks / name
-    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]  # logged once, by rank 0
-    for m, ref in zip(metrics(out), metrics(single.out)):
+    assert [m["step"] for m in run_metrics(out)] == [1, 2, 3, 4]  # logged once, by rank 0
+    for m, ref in zip(run_metrics(out), run_metrics(single.out)):
         assert m["loss"] == pytest.approx(ref["loss"], rel=1e-5)
         assert m["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4)  # of the whole gradient, not a slice
-    for key, w in weights(single.out).items():
-        torch.testing.assert_close(weights(out)[key], w, rtol=1e-4, atol=2e-6)
+    assert_weights_close(run_weights(out), run_weights(single.out))
 
 
 def test_sharded_checkpoints_hold_every_rank_slice_and_checksums(two_ranks):
@@ -114,16 +112,15 @@ def test_sharded_resume_is_bit_exact(two_ranks):
     """Resumed by 2 ranks from the step-2 checkpoint: the weights and losses of the run that went on."""
     resumed, straight = two_ranks / "resumed", two_ranks / "remask"
     assert [p.name for p in remask.checkpoints(resumed)] == ["step-000002", "step-000004"]
-    for key, w in weights(straight).items():
-        assert torch.equal(weights(resumed)[key], w), key
-    assert [m["loss"] for m in metrics(resumed)] == [m["loss"] for m in metrics(straight)]
+    assert_same_weights(run_weights(resumed), run_weights(straight))
+    assert [m["loss"] for m in run_metrics(resumed)] == [m["loss"] for m in run_metrics(straight)]
 
 
 def test_a_sharded_checkpoint_is_refused_by_one_process(two_ranks):
     """Another number of ranks would give each rank other examples: a clear refusal, before anything loads."""
     cfg = from_step_2(two_ranks, "one-rank")
     with pytest.raises(TrainError, match=r"step-000002 was saved sharded over 2 ranks; this run has no shards"):
-        remask.train(cfg, log=lambda m: None)
+        remask.train(cfg, log=quiet)
 
 
 def test_a_damaged_sharded_checkpoint_is_refused(two_ranks, tmp_path):
@@ -136,7 +133,7 @@ def test_a_damaged_sharded_checkpoint_is_refused(two_ranks, tmp_path):
     data[len(data) // 2] ^= 1
     shard.write_bytes(bytes(data))
     with pytest.raises(TrainError, match=r"step-000002: shards/__1_0.distcp: not the bytes that were written"):
-        remask.train(replace(sharded(tmp_path, "remask", **RUNS["remask"]), resume=True), log=lambda m: None)
+        remask.train(replace(sharded(tmp_path, "remask", **RUNS["remask"]), resume=True), log=quiet)
     assert shard.exists()  # nothing of the user's is deleted
 
 

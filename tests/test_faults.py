@@ -13,17 +13,15 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 import data
 import remask
-from conftest import FIXTURES, ROOT
+from conftest import ROOT, STABLELM_TINY_INT8, assert_same_weights, quiet, run_weights
 
-# the `tiny` run of tests/test_train.py as flags: 2 steps of 16 two-digit additions, ~0.1 s a step
-TINY = ["--n-train", "32", "--global-batch", "16", "--micro-batch", "8", "--seq-len", "64", "--digits", "2",
-        "--epochs", "1", "--lr", "3e-3", "--log-every", "1", "--save-every", "0", "--n-eval", "0", "--threads", "1",
-        "--device", "cpu"]
+# the tiny_config run (conftest.py) as flags: 2 steps of 16 two-digit additions, ~0.1 s a step
+TINY_FLAGS = ["--n-train", "32", "--global-batch", "16", "--micro-batch", "8", "--seq-len", "64", "--digits", "2",
+              "--epochs", "1", "--lr", "3e-3", "--log-every", "1", "--save-every", "0", "--n-eval", "0",
+              "--threads", "1", "--device", "cpu"]
 
 
 def snapshot(directory) -> dict:
@@ -37,7 +35,7 @@ def snapshot(directory) -> dict:
 def finished_run(tmp_path_factory) -> Path:
     """A run directory as a user has it: checkpoints, train.log, metrics.jsonl, loss.svg, model/."""
     out = tmp_path_factory.mktemp("runs") / "run"
-    assert remask.main(["train", *TINY, "--out", str(out), "--save-every", "1"]) == 0
+    assert remask.main(["train", *TINY_FLAGS, "--out", str(out), "--save-every", "1"]) == 0
     return out
 
 
@@ -50,7 +48,7 @@ def run_dir(finished_run, tmp_path) -> Path:
 
 def int8_model(tmp_path) -> Path:
     path = tmp_path / "int8"
-    shutil.copytree(FIXTURES / "stablelm-tiny-int8", path)
+    shutil.copytree(STABLELM_TINY_INT8, path)
     data.embedded_tokenizer().save(path)
     return path
 
@@ -88,14 +86,14 @@ BAD_FLAGS = [
 def test_bad_flags_are_one_line_and_touch_nothing(run_dir, tmp_path, capsys, flags, names):
     before = snapshot(run_dir)
     flags = [f.format(tmp=tmp_path, int8=int8_model(tmp_path) if "{int8}" in f else "") for f in flags]
-    assert remask.main(["train", *TINY, "--out", str(run_dir), "--overwrite", *flags]) == 1
+    assert remask.main(["train", *TINY_FLAGS, "--out", str(run_dir), "--overwrite", *flags]) == 1
     one_error_line(capsys, *[n.format(tmp=tmp_path) for n in names])
     assert snapshot(run_dir) == before
 
 
 def test_a_run_directory_is_never_started_over_without_overwrite(run_dir, capsys):
     before = snapshot(run_dir)
-    assert remask.main(["train", *TINY, "--out", str(run_dir)]) == 1  # the demo preset too: no --model/--data
+    assert remask.main(["train", *TINY_FLAGS, "--out", str(run_dir)]) == 1  # the demo preset too: no --model/--data
     one_error_line(capsys, str(run_dir / "checkpoints"), "--resume", "--overwrite")
     assert snapshot(run_dir) == before
 
@@ -112,7 +110,7 @@ def test_an_out_that_cannot_be_a_directory(tmp_path, capsys, where):
         out = Path("/sys/remask-test")
     else:
         out = {"file": blocker, "under a file": blocker / "run", "read-only": read_only / "run"}[where]
-    assert remask.main(["train", *TINY, "--out", str(out)]) == 1
+    assert remask.main(["train", *TINY_FLAGS, "--out", str(out)]) == 1
     one_error_line(capsys, f"--out {out}")
     assert blocker.read_text() == "mine\n" and not (read_only / "run").exists()
 
@@ -135,7 +133,7 @@ def test_usage_errors_stay_argparse_errors(capsys):
 
 def test_a_failed_resume_writes_its_error_to_train_log(run_dir, capsys):
     checkpoints = snapshot(run_dir / "checkpoints")
-    assert remask.main(["train", *TINY, "--out", str(run_dir), "--resume", "--lr", "1e-3"]) == 1
+    assert remask.main(["train", *TINY_FLAGS, "--out", str(run_dir), "--resume", "--lr", "1e-3"]) == 1
     line = one_error_line(capsys, "--lr")
     assert (run_dir / "train.log").read_text().splitlines()[-1] == line
     assert snapshot(run_dir / "checkpoints") == checkpoints
@@ -144,12 +142,12 @@ def test_a_failed_resume_writes_its_error_to_train_log(run_dir, capsys):
 def test_the_demo_starts_over_only_in_its_own_directory(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     for _ in range(2):  # `make train` twice: the demo's runs/demo starts over
-        assert remask.main(["train", *TINY, "--stop-at", "1"]) == 0
+        assert remask.main(["train", *TINY_FLAGS, "--stop-at", "1"]) == 0
     assert [p.name for p in remask.checkpoints(tmp_path / "runs" / "demo")] == ["step-000001"]
-    assert remask.main(["train", *TINY, "--stop-at", "1", "--out", "elsewhere"]) == 0
+    assert remask.main(["train", *TINY_FLAGS, "--stop-at", "1", "--out", "elsewhere"]) == 0
     capsys.readouterr()
     before = snapshot(tmp_path / "elsewhere")
-    assert remask.main(["train", *TINY, "--stop-at", "1", "--out", "elsewhere"]) == 1
+    assert remask.main(["train", *TINY_FLAGS, "--stop-at", "1", "--out", "elsewhere"]) == 1
     one_error_line(capsys, "holds checkpoints")
     assert snapshot(tmp_path / "elsewhere") == before
 
@@ -159,7 +157,7 @@ def test_ctrl_c_during_set_up_is_one_line(tmp_path, monkeypatch, capsys):
         os.kill(os.getpid(), signal.SIGINT)
     monkeypatch.setattr(remask, "load_examples", interrupted)
     before = signal.getsignal(signal.SIGINT)  # SIG_IGN where the suite runs as a background job
-    assert remask.main(["train", *TINY, "--out", str(tmp_path / "run")]) == 130
+    assert remask.main(["train", *TINY_FLAGS, "--out", str(tmp_path / "run")]) == 130
     captured = capsys.readouterr()
     assert captured.err == "interrupted (SIGINT)\n" and "Traceback" not in captured.out
     assert not (tmp_path / "run").exists()
@@ -167,7 +165,7 @@ def test_ctrl_c_during_set_up_is_one_line(tmp_path, monkeypatch, capsys):
 
 
 def test_a_second_signal_quits_at_once():
-    with remask._StopOnSignal(log=lambda message: None) as stopper:
+    with remask._StopOnSignal(log=quiet) as stopper:
         stopper.in_loop = True
         os.kill(os.getpid(), signal.SIGTERM)
         assert stopper.signum == signal.SIGTERM  # the first one: the loop stops at its next step
@@ -187,7 +185,7 @@ def test_an_interruption_crosses_processes_intact(signum):
 def test_sigterm_saves_and_resume_is_bit_exact(tmp_path):
     """A training process gets SIGTERM after its second step: it finishes the step it is in, saves, exits 143;
     --resume then ends with the weights of a run that was never interrupted."""
-    flags = [*TINY, "--n-train", "48", "--epochs", "2"]  # 6 steps: the signal lands mid-run
+    flags = [*TINY_FLAGS, "--n-train", "48", "--epochs", "2"]  # 6 steps: the signal lands mid-run
     out = tmp_path / "killed"
     child = subprocess.Popen([sys.executable, "-u", str(ROOT / "remask.py"), "train", *flags, "--out", str(out)],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -202,7 +200,4 @@ def test_sigterm_saves_and_resume_is_bit_exact(tmp_path):
     assert len(saved) == 1 and 2 <= int(saved[0].name.split("-")[1]) < 6
     assert remask.main(["train", *flags, "--out", str(out), "--resume"]) == 0
     assert remask.main(["train", *flags, "--out", str(tmp_path / "straight")]) == 0
-    straight = load_file(tmp_path / "straight" / "model" / "model.safetensors")
-    resumed = load_file(out / "model" / "model.safetensors")
-    for name, w in straight.items():
-        assert torch.equal(resumed[name], w), name
+    assert_same_weights(run_weights(out), run_weights(tmp_path / "straight"))

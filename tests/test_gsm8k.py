@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import data
+from conftest import write_jsonl
 from data import INVALID, GSM8KProblem
 
 # The first training and first test problem of openai/gsm8k (main), verbatim.
@@ -273,16 +274,10 @@ def test_score_errors_and_single_example():
 
 # ----------------------------------------------------------------------------- reading
 
-def _write(tmp_path, lines, name="gsm8k.jsonl"):
-    path = tmp_path / name
-    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    return path
-
-
 def test_read_round_trip(tmp_path):
     rows = [{"question": NATALIA.question + " ", "answer": NATALIA.answer}, {"question": JANET.question,
                                                                              "answer": JANET.answer}]
-    path = _write(tmp_path, [json.dumps(rows[0]), "", json.dumps(rows[1], ensure_ascii=False)])
+    path = write_jsonl(tmp_path / "gsm8k.jsonl", [json.dumps(rows[0]), "", json.dumps(rows[1], ensure_ascii=False)])
     problems = data.read_gsm8k(path)
     assert problems == [GSM8KProblem(NATALIA.question + " ", NATALIA.answer), JANET]  # verbatim, blank skipped
 
@@ -298,7 +293,7 @@ def test_read_round_trip(tmp_path):
 ])
 def test_read_errors(tmp_path, lines, message):
     with pytest.raises(data.DataError, match=message):
-        data.read_gsm8k(_write(tmp_path, lines))
+        data.read_gsm8k(write_jsonl(tmp_path / "gsm8k.jsonl", lines))
 
 
 def test_read_missing_and_binary(tmp_path):

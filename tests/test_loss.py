@@ -1,14 +1,15 @@
 """The ReMask objective against its plain-torch definition in float64 (itself checked against a hand-worked example
-and torch's own kl_div), plus its invariants."""
+and torch's own kl_div), plus its invariants, its errors on bad input, and the memory it adds at its peak (measured
+in a process of its own by tests/loss_peak_memory.py)."""
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import ROOT, TESTS
 from remask import (IGNORE_INDEX, cross_entropy, remask_loss, remask_loss_parts, remask_loss_reference,
                     symmetric_kl)
 
@@ -366,38 +367,11 @@ def test_bad_input_gives_clear_errors(call, match):
 
 # ----------------------------------------------------------------------------- memory
 
-PEAK_SCRIPT = """
-import sys, torch
-sys.path.insert(0, sys.argv[1])
-from remask import remask_loss
-torch.set_num_threads(1)  # a small job: threads would only wait on each other
-B, T, V = 2, 128, 50304
-lm, lf = (torch.empty(B, T, V, dtype=torch.bfloat16).normal_().requires_grad_() for _ in range(2))
-labels = torch.randint(0, V, (B, T))
-remask_loss(lm[:1, :4], lf[:1, :4], labels[:1, :4]).backward()  # warm-up: one-time allocations
-status = lambda key: int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) * 1024
-
-
-def extra_peak(run):  # the peak resident size above the start, in logits tensors
-    lm.grad = lf.grad = None
-    open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current resident size
-    base = status("VmRSS")
-    run()
-    print((status("VmHWM") - base) / (B * T * V * 2))
-
-
-extra_peak(lambda: remask_loss(lm, lf, labels, chunk_tokens=8).backward())
-with torch.no_grad():  # evaluation: inputs that require grad, but no graph to record
-    extra_peak(lambda: remask_loss(lm, lf, labels, chunk_tokens=8))
-extra_peak(lambda: remask_loss(lm, lf.detach(), labels, chunk_tokens=8).backward())  # one pass takes a gradient
-"""
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the peak resident size from /proc")
 def test_extra_peak_memory_is_a_few_logits_tensors():
     # glibc then serves each large buffer with mmap and unmaps it on free: resident memory follows live tensors
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(Path(__file__).resolve().parent.parent)],
+    out = subprocess.run([sys.executable, str(TESTS / "loss_peak_memory.py"), str(ROOT)],
                          env=env, capture_output=True, text=True, check=True)
     both, no_grad, one = (float(line) for line in out.stdout.split())
     # the two bf16 gradients are 2x; any fp32 (B, T, V) temporary would add 2x more

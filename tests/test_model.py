@@ -1,6 +1,7 @@
 """Tests of model.py: the fixture made by transformers, an independent re-derivation of the math, and property
 tests (causality, batch and padding invariance, KV cache == full forward, batched == per-row generation,
-bit-exact save/load, sharding, config spellings) over random configs that cover every variant of the family."""
+bit-exact save/load, sharding, config spellings) over random configs that cover every variant of the family; named
+configs and FLOP counts, clear errors for broken configs and model directories, and LLM.int8 checkpoints."""
 import json
 import math
 import random
@@ -14,10 +15,9 @@ from safetensors.torch import load_file, save_file
 import model as M
 import quantize
 from bench import saved_for_backward
-from conftest import FIXTURES
+from conftest import STABLELM_TINY, STABLELM_TINY_INT8, assert_same_weights
 from model import CONFIGS, Config, KVCache, StableLM, generate, sample
 
-TINY, TINY8 = FIXTURES / "stablelm-tiny", FIXTURES / "stablelm-tiny-int8"
 N_SEEDS = 16  # seed bits 0..3 switch qkv bias, qk layernorm, parallel residual, tied embeddings: all 16 layouts
 
 # ----------------------------------------------------------------------------- helpers
@@ -102,19 +102,12 @@ def reference_logits(sd, c, ids):
     x = ln(x, sd["model.norm.weight"], sd["model.norm.bias"])
     return x @ sd["model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"].T
 
-
-def assert_same_weights(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for name in sa:
-        assert sa[name].dtype == sb[name].dtype and torch.equal(sa[name], sb[name]), name
-
 # ----------------------------------------------------------------------------- the fixture (made by transformers)
 
 
 def test_fixture_logits_match_transformers():
-    expected = load_file(TINY / "expected.safetensors")
-    model = StableLM.from_pretrained(TINY)
+    expected = load_file(STABLELM_TINY / "expected.safetensors")
+    model = StableLM.from_pretrained(STABLELM_TINY)
     with torch.no_grad():
         logits = model(expected["input_ids"])
     assert logits.shape == expected["logits"].shape and logits.dtype == torch.float32
@@ -122,14 +115,14 @@ def test_fixture_logits_match_transformers():
 
 
 def test_fixture_greedy_ids():
-    expected = load_file(TINY / "expected.safetensors")
-    model = StableLM.from_pretrained(TINY)
+    expected = load_file(STABLELM_TINY / "expected.safetensors")
+    model = StableLM.from_pretrained(STABLELM_TINY)
     out = generate(model, expected["greedy_prompt"], max_new_tokens=8)
     assert torch.equal(out, expected["greedy_ids"])
 
 
 def test_fixture_config():
-    c = Config.from_json(TINY / "config.json")
+    c = Config.from_json(STABLELM_TINY / "config.json")
     assert (c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers) == (320, 64, 176, 2)
     assert (c.num_attention_heads, c.num_key_value_heads, c.rope_theta, c.layer_norm_eps) == (4, 4, 10000, 1e-5)
     assert (c.head_dim, c.rotary_dim, c.torch_dtype, c.tie_word_embeddings) == (16, 4, "float32", False)
@@ -414,7 +407,7 @@ def test_save_load_is_bit_exact(seed, dtype, tmp_path):
     stored = load_file(tmp_path / "m" / "model.safetensors")
     assert ("lm_head.weight" in stored) != model.config.tie_word_embeddings  # what transformers writes
     loaded = StableLM.from_pretrained(tmp_path / "m")
-    assert_same_weights(model, loaded)
+    assert_same_weights(model.state_dict(), loaded.state_dict())
     assert loaded.config == replace(model.config, torch_dtype=str(dtype).removeprefix("torch."))
     assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == model.config.tie_word_embeddings
     ids = random_ids(model, 2, 5, seed)
@@ -438,7 +431,8 @@ def test_sharded_equals_unsharded(seed, tmp_path):
     for shard in shards:  # every shard respects the limit unless it holds a single larger tensor
         sizes = [t.numel() * t.element_size() for t in load_file(tmp_path / "many" / shard).values()]
         assert sum(sizes) <= total // 3 or len(sizes) == 1
-    assert_same_weights(StableLM.from_pretrained(tmp_path / "one"), StableLM.from_pretrained(tmp_path / "many"))
+    assert_same_weights(StableLM.from_pretrained(tmp_path / "one").state_dict(),
+                        StableLM.from_pretrained(tmp_path / "many").state_dict())
     model.save_pretrained(tmp_path / "units", max_shard_size="1KB")
     assert len(list((tmp_path / "units").glob("model-*.safetensors"))) > n
 
@@ -447,7 +441,7 @@ def test_save_replaces_a_directory_and_an_interrupted_save_leaves_the_old_one(tm
     first, second = random_model(1, torch.float32), random_model(2, torch.float32)
     first.save_pretrained(tmp_path / "m")
     second.save_pretrained(tmp_path / "m")
-    assert_same_weights(second, StableLM.from_pretrained(tmp_path / "m"))
+    assert_same_weights(second.state_dict(), StableLM.from_pretrained(tmp_path / "m").state_dict())
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary or old directories left behind
     calls = []
 
@@ -463,14 +457,14 @@ def test_save_replaces_a_directory_and_an_interrupted_save_leaves_the_old_one(tm
     with pytest.raises(KeyboardInterrupt):
         first.save_pretrained(tmp_path / "new", max_shard_size=1000)
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # nothing half-written, not even a temp dir
-    assert_same_weights(second, StableLM.from_pretrained(tmp_path / "m"))
+    assert_same_weights(second.state_dict(), StableLM.from_pretrained(tmp_path / "m").state_dict())
 
 # ----------------------------------------------------------------------------- bad input: clear errors
 
 
 @pytest.fixture
 def tiny_copy(tmp_path):
-    shutil.copytree(TINY, tmp_path / "tiny")
+    shutil.copytree(STABLELM_TINY, tmp_path / "tiny")
     return tmp_path / "tiny"
 
 
@@ -544,8 +538,8 @@ def test_error_shard_missing(tmp_path):
 
 
 def test_int8_fixture_loads_as_int8_layers(monkeypatch):
-    model = StableLM.from_pretrained(TINY8)
-    fp32 = load_file(TINY / "model.safetensors")
+    model = StableLM.from_pretrained(STABLELM_TINY_INT8)
+    fp32 = load_file(STABLELM_TINY / "model.safetensors")
     attn = model.model.layers[0].self_attn
     assert isinstance(attn.q_proj, quantize.Int8Linear) and attn.q_proj.weight.dtype == torch.int8
     assert type(model.lm_head) is torch.nn.Linear  # llm_int8_skip_modules null: lm_head stays float
@@ -553,7 +547,7 @@ def test_int8_fixture_loads_as_int8_layers(monkeypatch):
         if isinstance(m, quantize.Int8Linear):  # each layer got the bytes bitsandbytes made from its fp32 weight
             CB, SCB = quantize.quantize_rowwise(fp32[name + ".weight"])
             assert torch.equal(m.weight, CB) and torch.equal(m.SCB, SCB), name
-    expected = load_file(TINY8 / "expected.safetensors")
+    expected = load_file(STABLELM_TINY_INT8 / "expected.safetensors")
     with torch.no_grad():
         ours = model(expected["input_ids"])
         # bitsandbytes' CPU backend (0.45+) dequantizes with 6.200124e-05; with that constant the whole
@@ -578,11 +572,11 @@ def test_int8_save_load_round_trip(tmp_path):
     assert stored["model.layers.0.mlp.down_proj.weight"].dtype == torch.int8
     assert stored["model.layers.0.mlp.down_proj.SCB"].dtype == torch.float32
     loaded = StableLM.from_pretrained(tmp_path / "q")
-    assert_same_weights(model, loaded)
+    assert_same_weights(model.state_dict(), loaded.state_dict())
 
 
 def test_int8_refuses_tiled_layout(tmp_path):
-    shutil.copytree(TINY8, tmp_path / "q")
+    shutil.copytree(STABLELM_TINY_INT8, tmp_path / "q")
     edit_weights(tmp_path / "q", lambda t: t.update({"model.layers.1.self_attn.k_proj.weight_format":
                                                         torch.tensor(2, dtype=torch.uint8)}))
     with pytest.raises(ValueError, match="model.layers.1.self_attn.k_proj.weight_format .* tiled"):
@@ -598,8 +592,8 @@ def test_int8_refuses_tiled_layout(tmp_path):
 
 @pytest.mark.gpu
 def test_fixture_on_cuda():
-    expected = load_file(TINY / "expected.safetensors")
-    model = StableLM.from_pretrained(TINY, device="cuda")
+    expected = load_file(STABLELM_TINY / "expected.safetensors")
+    model = StableLM.from_pretrained(STABLELM_TINY, device="cuda")
     with torch.no_grad():
         logits = model(expected["input_ids"].cuda()).cpu()
     assert (logits - expected["logits"]).abs().max() <= 1e-4

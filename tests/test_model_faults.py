@@ -11,10 +11,9 @@ from safetensors.torch import load_file, save_file
 
 import model as M
 import quantize
-from conftest import FIXTURES
+from conftest import STABLELM_TINY, STABLELM_TINY_INT8, assert_same_weights, run_cli
 from model import StableLM, is_model_directory, recover_directory, write_directory
 
-TINY, TINY8 = FIXTURES / "stablelm-tiny", FIXTURES / "stablelm-tiny-int8"
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors")
 
 
@@ -33,9 +32,9 @@ def tree(directory):
     return {str(p.relative_to(directory)): None if p.is_dir() else p.read_bytes() for p in directory.rglob("*")}
 
 
-def same_weights(directory, src):
-    a, b = StableLM.from_pretrained(directory).state_dict(), StableLM.from_pretrained(src).state_dict()
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+def assert_loads_as(directory, src):
+    """Loading directory (which repairs what a killed write left) gives the weights of the model directory src."""
+    assert_same_weights(StableLM.from_pretrained(directory).state_dict(), StableLM.from_pretrained(src).state_dict())
 
 # ----------------------------------------------------------------------------- kill -9 at each stage of a write
 
@@ -57,7 +56,7 @@ def dying_on_call(function, n):
 
 
 def half_fill(directory):
-    shutil.copy2(TINY8 / "config.json", directory / "config.json")
+    shutil.copy2(STABLELM_TINY_INT8 / "config.json", directory / "config.json")
     die()
 
 
@@ -77,7 +76,7 @@ def killed_write(dest, patches, exchange):
     pid = os.fork()
     if pid == 0:  # the child: only the standard library runs here (no torch ops after a fork)
         try:
-            fill = patches.get("fill", lambda directory: copy_model(TINY8, directory))
+            fill = patches.get("fill", lambda directory: copy_model(STABLELM_TINY_INT8, directory))
             if not exchange:
                 M._exchange = lambda a, b: False
             if "_exchange" in patches:
@@ -99,26 +98,28 @@ def test_kill_leaves_the_old_or_the_new_directory(stage, then, tmp_path):
     patches, exchange, held = STAGES[stage]
     dest = tmp_path / "model"
     dest.mkdir()
-    copy_model(TINY, dest)
+    copy_model(STABLELM_TINY, dest)
     killed_write(dest, patches, exchange)
     assert leftovers(tmp_path)  # the kill left something behind to repair or remove
     if held is None:  # two renames: nothing at dest for an instant, and the complete new directory beside it
         assert not dest.exists()
         held = "new"
     else:
-        assert (dest / "config.json").read_bytes() == ((TINY if held == "old" else TINY8) / "config.json").read_bytes()
+        held_dir = STABLELM_TINY if held == "old" else STABLELM_TINY_INT8
+        assert (dest / "config.json").read_bytes() == (held_dir / "config.json").read_bytes()
     if then == "load":  # loading repairs (puts the complete new directory back) and removes the leftovers
-        assert same_weights(dest, TINY if held == "old" else TINY8)
+        assert_loads_as(dest, STABLELM_TINY if held == "old" else STABLELM_TINY_INT8)
     else:  # the next write does the same before it writes
-        write_directory(dest, lambda directory: copy_model(TINY, directory))
-        assert same_weights(dest, TINY)
+        write_directory(dest, lambda directory: copy_model(STABLELM_TINY, directory))
+        assert_loads_as(dest, STABLELM_TINY)
     assert leftovers(tmp_path) == []
 
 
 def test_kill_of_a_first_write_before_its_rename(tmp_path):
     killed_write(tmp_path / "model", dict(rename=2), exchange=True)  # complete, not yet at its place
     assert not (tmp_path / "model").exists() and leftovers(tmp_path)
-    assert same_weights(tmp_path / "model", TINY8) and leftovers(tmp_path) == []
+    assert_loads_as(tmp_path / "model", STABLELM_TINY_INT8)
+    assert leftovers(tmp_path) == []
 
 
 def test_recovery_leaves_a_live_writer_alone(tmp_path):
@@ -168,7 +169,7 @@ def test_save_pretrained_refuses_what_it_did_not_write(kind, tmp_path):
             (dest / "checkpoints" / "step-000010" / "trainer.pt").write_text("state")
             (dest / "config.json").write_text("{}")
     before = tree(tmp_path)
-    model = StableLM.from_pretrained(TINY)
+    model = StableLM.from_pretrained(STABLELM_TINY)
     what = "is not a directory" if kind == "file" else "holds .*notes.txt"
     with pytest.raises(FileExistsError, match=f"{dest}: exists and {what}"):
         model.save_pretrained(dest)
@@ -178,7 +179,7 @@ def test_save_pretrained_refuses_what_it_did_not_write(kind, tmp_path):
 def test_save_pretrained_replaces_a_model_directory_through_a_link_with_umask_modes(tmp_path):
     real = tmp_path / "disk" / "model"
     real.mkdir(parents=True)
-    copy_model(TINY8, real)
+    copy_model(STABLELM_TINY_INT8, real)
     (real / "tokenizer.json").write_text("{}")
     (tmp_path / "model").symlink_to(real)
 
@@ -188,10 +189,11 @@ def test_save_pretrained_replaces_a_model_directory_through_a_link_with_umask_mo
 
     old_umask = os.umask(0o027)
     try:
-        StableLM.from_pretrained(TINY).save_pretrained(tmp_path / "model", extra=private_tokenizer)
+        StableLM.from_pretrained(STABLELM_TINY).save_pretrained(tmp_path / "model", extra=private_tokenizer)
     finally:
         os.umask(old_umask)
-    assert (tmp_path / "model").is_symlink() and same_weights(real, TINY)
+    assert (tmp_path / "model").is_symlink()
+    assert_loads_as(real, STABLELM_TINY)
     assert (real / "tokenizer.json").read_text() == "new" and leftovers(real.parent) == []
     assert os.stat(real).st_mode & 0o777 == 0o750
     assert {os.stat(p).st_mode & 0o777 for p in real.iterdir()} == {0o640}
@@ -200,9 +202,10 @@ def test_save_pretrained_replaces_a_model_directory_through_a_link_with_umask_mo
 def test_the_two_rename_fallback_replaces_too(tmp_path, monkeypatch):
     monkeypatch.setattr(M, "_exchange", lambda a, b: False)
     dest = tmp_path / "model"
-    write_directory(dest, lambda d: copy_model(TINY8, d))
-    write_directory(dest, lambda d: copy_model(TINY, d))
-    assert same_weights(dest, TINY) and leftovers(tmp_path) == []
+    write_directory(dest, lambda d: copy_model(STABLELM_TINY_INT8, d))
+    write_directory(dest, lambda d: copy_model(STABLELM_TINY, d))
+    assert_loads_as(dest, STABLELM_TINY)
+    assert leftovers(tmp_path) == []
 
 # ----------------------------------------------------------------------------- weights that are not finite
 
@@ -210,7 +213,7 @@ def test_the_two_rename_fallback_replaces_too(tmp_path, monkeypatch):
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_load_refuses_non_finite_weights_naming_the_tensor(value, dtype, tmp_path):
-    shutil.copytree(TINY, tmp_path / "m")
+    shutil.copytree(STABLELM_TINY, tmp_path / "m")
     file = tmp_path / "m" / "model.safetensors"
     tensors = {k: v.to(dtype) for k, v in load_file(file).items()}
     tensors["model.layers.1.mlp.down_proj.weight"][3, 5] = value
@@ -220,7 +223,7 @@ def test_load_refuses_non_finite_weights_naming_the_tensor(value, dtype, tmp_pat
 
 
 def test_load_refuses_weights_that_overflow_the_requested_dtype(tmp_path):
-    shutil.copytree(TINY, tmp_path / "m")
+    shutil.copytree(STABLELM_TINY, tmp_path / "m")
     file = tmp_path / "m" / "model.safetensors"
     tensors = load_file(file)
     tensors["model.norm.weight"][0] = 1e6  # finite in float32, infinite in float16
@@ -235,7 +238,7 @@ def test_load_refuses_weights_that_overflow_the_requested_dtype(tmp_path):
 @pytest.fixture
 def workspace(tmp_path):
     """src: a whole float model directory (with a tokenizer); notes: a directory of unrelated files."""
-    shutil.copytree(TINY, tmp_path / "src")
+    shutil.copytree(STABLELM_TINY, tmp_path / "src")
     (tmp_path / "src" / "tokenizer.json").write_text('{"model": "mine"}')
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("mine")
@@ -275,20 +278,14 @@ BAD_INPUTS = [
 ]
 
 
-def run_main(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        quantize.main(argv)
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out + err
-
-
 @pytest.mark.parametrize("argv, setup, message", BAD_INPUTS, ids=[" ".join(case[0][2:]) or case[2].split(":")[0]
                                                                   for case in BAD_INPUTS])
 def test_quantize_bad_input_is_one_line_and_touches_nothing(argv, setup, message, workspace, capsys):
     if setup:
         corrupt(workspace / "src", setup)
     before = tree(workspace)
-    code, output = run_main([a.format(w=workspace) for a in argv], capsys)
+    code, out, err = run_cli(quantize.main, [a.format(w=workspace) for a in argv], capsys)
+    output = out + err
     lines = output.splitlines()
     assert code == 1 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
     assert "Traceback" not in output
@@ -296,21 +293,24 @@ def test_quantize_bad_input_is_one_line_and_touches_nothing(argv, setup, message
 
 
 def test_quantize_refuses_an_8bit_input_and_ctrl_c_exits_130(workspace, capsys, monkeypatch):
-    code, output = run_main([str(TINY8), str(workspace / "out")], capsys)
+    code, out, err = run_cli(quantize.main, [STABLELM_TINY_INT8, workspace / "out"], capsys)
+    output = out + err
     assert code == 1 and "already an 8-bit checkpoint" in output and "--dequantize" in output
-    shutil.copytree(TINY8, workspace / "out")
+    shutil.copytree(STABLELM_TINY_INT8, workspace / "out")
     before = tree(workspace)
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
     monkeypatch.setattr(quantize, "_copy_tokenizer", lambda src: interrupted)  # inside the write of OUT
-    code, output = run_main([str(workspace / "src"), str(workspace / "out"), "--prompts", "1"], capsys)
+    code, out, err = run_cli(quantize.main, [workspace / "src", workspace / "out", "--prompts", "1"], capsys)
+    output = out + err
     assert code == 130 and "Traceback" not in output
     assert [line for line in output.splitlines() if "interrupted" in line] == [output.splitlines()[-1]]
     assert tree(workspace) == before
 
 
 def test_quantize_help_says_what_happens_to_an_existing_out(capsys):
-    code, output = run_main(["--help"], capsys)
+    code, out, err = run_cli(quantize.main, ["--help"], capsys)
+    output = out + err
     assert code == 0 and "--dequantize" in output
     assert "An existing OUT is replaced" in output and "anything else" in output and "refused" in output

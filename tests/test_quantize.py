@@ -20,12 +20,10 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from conftest import FIXTURES, ROOT
+from conftest import NEOX_DIR, ROOT, STABLELM_TINY, STABLELM_TINY_INT8
 from quantize import (Int8Linear, _int8_matmul, dequantize_model, dequantize_rowwise, int8_linear,
                       quantize_model, quantize_rowwise)
 
-TINY = FIXTURES / "stablelm-tiny"
-TINY_INT8 = FIXTURES / "stablelm-tiny-int8"
 SCALE_SLACK = 1 + 1e-4  # the fp32 scale 127 / absmax is off by a few ulps: 3e-5 at most, rounded up
 
 
@@ -95,7 +93,7 @@ def test_quantize_rowwise_hand_worked_rounds_half_to_even():
 
 def test_quantize_rowwise_matches_bitsandbytes_bytes():
     """Quantizing the float fixture reproduces the int8 weights and SCB that bitsandbytes saved, byte for byte."""
-    floats, saved = load_file(TINY / "model.safetensors"), load_file(TINY_INT8 / "model.safetensors")
+    floats, saved = load_file(STABLELM_TINY / "model.safetensors"), load_file(STABLELM_TINY_INT8 / "model.safetensors")
     names = [k[: -len(".SCB")] for k in saved if k.endswith(".SCB")]
     assert len(names) == 14
     for name in names:
@@ -328,9 +326,9 @@ def test_quantize_and_dequantize_model():
 def fixture_logits_error():
     """max |our logits - bitsandbytes' logits| / max |theirs| on the 8-bit fixture."""
     from model import StableLM
-    model = StableLM.from_pretrained(TINY_INT8).eval()
+    model = StableLM.from_pretrained(STABLELM_TINY_INT8).eval()
     assert sum(isinstance(m, Int8Linear) for m in model.modules()) == 14
-    expected = load_file(TINY_INT8 / "expected.safetensors")
+    expected = load_file(STABLELM_TINY_INT8 / "expected.safetensors")
     with torch.no_grad():
         logits = model(expected["input_ids"]).float()
     assert (logits.argmax(-1) == expected["logits"].argmax(-1)).all()
@@ -358,12 +356,12 @@ def test_model_fixture_logits_with_exact_constant():
 def test_model_fp16_upload_runs_in_fp16(tmp_path):
     """8-bit uploads made with transformers 4.x keep their float tensors in fp16; the int8 layers then see fp16."""
     from model import StableLM
-    shutil.copytree(TINY_INT8, tmp_path / "ckpt")
+    shutil.copytree(STABLELM_TINY_INT8, tmp_path / "ckpt")
     tensors = load_file(tmp_path / "ckpt" / "model.safetensors")
     tensors = {k: v.half() if v.dtype == torch.float32 and not k.endswith(".SCB") else v for k, v in tensors.items()}
     save_file(tensors, tmp_path / "ckpt" / "model.safetensors", metadata={"format": "pt"})
     model = StableLM.from_pretrained(tmp_path / "ckpt").eval()
-    expected = load_file(TINY_INT8 / "expected.safetensors")
+    expected = load_file(STABLELM_TINY_INT8 / "expected.safetensors")
     with torch.no_grad():
         logits = model(expected["input_ids"])
     assert logits.dtype == torch.float16 and model.model.layers[0].mlp.up_proj.SCB.dtype == torch.float32
@@ -373,8 +371,8 @@ def test_model_fp16_upload_runs_in_fp16(tmp_path):
 
 def test_model_quantized_equals_loaded_8bit_checkpoint():
     from model import StableLM
-    mine = quantize_model(StableLM.from_pretrained(TINY), 6.0).state_dict()
-    theirs = StableLM.from_pretrained(TINY_INT8).state_dict()
+    mine = quantize_model(StableLM.from_pretrained(STABLELM_TINY), 6.0).state_dict()
+    theirs = StableLM.from_pretrained(STABLELM_TINY_INT8).state_dict()
     assert mine.keys() == theirs.keys()
     for k in mine:
         if k.endswith(".SCB") or mine[k].dtype == torch.int8:
@@ -383,7 +381,7 @@ def test_model_quantized_equals_loaded_8bit_checkpoint():
 
 def test_model_save_load_is_bit_exact(tmp_path):
     from model import StableLM
-    model = StableLM.from_pretrained(TINY_INT8).eval()
+    model = StableLM.from_pretrained(STABLELM_TINY_INT8).eval()
     model.save_pretrained(tmp_path)
     saved = load_file(tmp_path / "model.safetensors")
     fmt = saved["model.layers.0.mlp.down_proj.weight_format"]
@@ -394,14 +392,14 @@ def test_model_save_load_is_bit_exact(tmp_path):
     again = StableLM.from_pretrained(tmp_path).eval()
     a, b = model.state_dict(), again.state_dict()
     assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
-    ids = load_file(TINY_INT8 / "expected.safetensors")["input_ids"]
+    ids = load_file(STABLELM_TINY_INT8 / "expected.safetensors")["input_ids"]
     with torch.no_grad():
         assert torch.equal(model(ids), again(ids))
 
 
 def test_model_refuses_tiled_weight_format(tmp_path):
     from model import StableLM
-    shutil.copytree(TINY_INT8, tmp_path / "ckpt")
+    shutil.copytree(STABLELM_TINY_INT8, tmp_path / "ckpt")
     tensors = load_file(tmp_path / "ckpt" / "model.safetensors")
     tensors["model.layers.1.self_attn.q_proj.weight_format"] = torch.tensor(1, dtype=torch.uint8)
     save_file(tensors, tmp_path / "ckpt" / "model.safetensors", metadata={"format": "pt"})
@@ -411,15 +409,15 @@ def test_model_refuses_tiled_weight_format(tmp_path):
 
 def test_model_command_line_end_to_end(tmp_path):
     src, out = tmp_path / "src", tmp_path / "int8"
-    shutil.copytree(TINY, src)
-    shutil.copy(FIXTURES / "gpt-neox-20b-tokenizer" / "tokenizer.json", src)  # a whole model directory
+    shutil.copytree(STABLELM_TINY, src)
+    shutil.copy(NEOX_DIR / "tokenizer.json", src)  # a whole model directory
     command = [sys.executable, str(ROOT / "quantize.py"), str(src), str(out), "--prompts", "2", "--prompt-len", "16"]
     run = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert run.returncode == 0, run.stderr
     assert "worst relative logit change" in run.stdout and "MB ->" in run.stdout
     rel = float(run.stdout.split("worst relative logit change")[1].split(": ")[1].split()[0])
     assert 0 < rel < 2e-2
-    mine, theirs = load_file(out / "model.safetensors"), load_file(TINY_INT8 / "model.safetensors")
+    mine, theirs = load_file(out / "model.safetensors"), load_file(STABLELM_TINY_INT8 / "model.safetensors")
     for k in theirs:
         if k.endswith((".SCB", ".weight_format")) or theirs[k].dtype == torch.int8:
             assert torch.equal(mine[k], theirs[k]), k
@@ -432,8 +430,8 @@ def test_dequantize_command_round_trip(tmp_path):
     import quantize
     from model import StableLM
     src = tmp_path / "src"
-    shutil.copytree(TINY, src)
-    shutil.copy(FIXTURES / "gpt-neox-20b-tokenizer" / "tokenizer.json", src)
+    shutil.copytree(STABLELM_TINY, src)
+    shutil.copy(NEOX_DIR / "tokenizer.json", src)
     quantize.main([str(src), str(tmp_path / "q"), "--prompts", "1", "--prompt-len", "8"])
     quantize.main(["--dequantize", str(tmp_path / "q"), str(tmp_path / "f"), "--prompts", "1", "--prompt-len", "8"])
     q, f = StableLM.from_pretrained(tmp_path / "q").eval(), StableLM.from_pretrained(tmp_path / "f").eval()
@@ -443,7 +441,7 @@ def test_dequantize_command_round_trip(tmp_path):
             w = f.get_submodule(name).weight
             assert w.dtype == torch.float32 and torch.equal(w, dequantize_rowwise(m.weight, m.SCB))
     assert (tmp_path / "f" / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
-    ids = load_file(TINY_INT8 / "expected.safetensors")["input_ids"]
+    ids = load_file(STABLELM_TINY_INT8 / "expected.safetensors")["input_ids"]
     with torch.no_grad():
         lq, lf = q(ids), f(ids)
     assert (lq.argmax(-1) == lf.argmax(-1)).float().mean() > 0.9
@@ -454,7 +452,7 @@ def test_every_linear_quantized_saves_a_loadable_checkpoint(tmp_path):
     """--skip with no names quantizes lm_head too: the config's skip list is [] (not null, which means lm_head)."""
     import quantize
     from model import StableLM
-    quantize.main([str(TINY), str(tmp_path / "q"), "--skip", "--prompts", "1", "--prompt-len", "8"])
+    quantize.main([str(STABLELM_TINY), str(tmp_path / "q"), "--skip", "--prompts", "1", "--prompt-len", "8"])
     qconfig = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert qconfig["llm_int8_skip_modules"] == []
     assert isinstance(StableLM.from_pretrained(tmp_path / "q").lm_head, Int8Linear)

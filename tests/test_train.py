@@ -1,39 +1,23 @@
-"""remask.py's training loop on the CPU with a tiny config: every mode learns, gradient accumulation and two
-data-parallel processes give the step that one big batch gives, --resume is bit-exact, checkpoints are atomic,
-failures stop with messages that say what to do, and the log, metrics.jsonl and loss.svg hold what they promise."""
+"""remask.py's training loop on the CPU with tiny_config (conftest.py): every mode learns, gradient accumulation
+gives the step that one big batch gives, the step never waits on the device, --resume is bit-exact, checkpoints are
+atomic, failures stop with messages that say what to do, the log, metrics.jsonl and loss.svg hold what they promise,
+the MFU formula, the command line's flags and help, and bf16 autocast over fp32 weights."""
 import json
 import os
 import re
 import shutil
 import signal
-import sys
 import xml.etree.ElementTree as ET
 from dataclasses import fields, replace
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import data
 import remask
-from conftest import FIXTURES
+from conftest import (STABLELM_TINY, assert_same_weights, assert_weights_close, fail_micro_step, quiet, run_metrics,
+                      run_weights, tiny_config)
 from remask import TrainConfig, TrainError
-
-
-def tiny(tmp_path, name="run", **overrides) -> TrainConfig:
-    """2-digit additions, the 0.9M-parameter debug model, 16 sequences a step: ~0.1 s a step on 2 cores. On the
-    CPU even where a GPU is (bit-exact comparisons; the GPU path has its own tests)."""
-    settings = dict(out=str(tmp_path / name), n_train=32, global_batch=16, micro_batch=8, seq_len=64, digits=2,
-                    epochs=1, lr=3e-3, log_every=1, save_every=0, n_eval=0, threads=1, device="cpu")
-    return TrainConfig(**{**settings, **overrides})
-
-
-def weights(out):
-    return load_file(os.path.join(out, "model", "model.safetensors"))
-
-
-def metrics(out):
-    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
 
 
 # ----------------------------------------------------------------------------- learning, logging, metrics
@@ -42,9 +26,9 @@ def metrics(out):
 @pytest.mark.parametrize("mode", remask.MODES)
 def test_every_mode_learns_a_repeated_batch(tmp_path, mode):
     """One batch of 16 examples seen 6 times (the masks change per epoch): the loss falls well below its start."""
-    cfg = tiny(tmp_path, mode=mode, n_train=16, epochs=6)
-    remask.train(cfg, log=lambda m: None)
-    history = metrics(cfg.out)
+    cfg = tiny_config(tmp_path, mode=mode, n_train=16, epochs=6)
+    remask.train(cfg, log=quiet)
+    history = run_metrics(cfg.out)
     assert [m["step"] for m in history] == list(range(1, 7))
     assert history[-1]["loss"] < 0.8 * history[0]["loss"]
     for m in history:  # the parts this mode has, and no others
@@ -55,10 +39,10 @@ def test_every_mode_learns_a_repeated_batch(tmp_path, mode):
 
 
 def test_log_metrics_curve_and_model_hold_what_they_promise(tmp_path):
-    cfg = tiny(tmp_path, epochs=2, log_every=2)
+    cfg = tiny_config(tmp_path, epochs=2, log_every=2)
     lines = []
     summary = remask.train(cfg, log=lines.append)
-    history = metrics(cfg.out)
+    history = run_metrics(cfg.out)
     assert [m["step"] for m in history] == [2, 4]  # every log_every steps, each averaging its steps
     line = re.compile(r"step (\d+)/4 \| loss [\d.]+ \(ce_masked [\d.]+, ce_full [\d.]+, kl [\d.]+\) \| lr [\d.e+-]+ \| "
                       r"grad norm [\d.]+ \| [\d,]+ tok/s \| MFU n/a \| peak mem [\d.]+ GB \| ETA \d+m\d\ds")
@@ -110,7 +94,7 @@ def step_gradients(cfg, micro_batch, per_micro_batch_mean=False):
 def test_gradient_accumulation_gives_the_whole_batch_gradient(tmp_path, mode):
     """One micro-batch of 16 or four of 4: the same gradient, because every micro-batch is normalised by the
     label count of the whole step; per-micro-batch means (examples of unequal length) give another one."""
-    cfg = tiny(tmp_path, mode=mode, seed=3)
+    cfg = tiny_config(tmp_path, mode=mode, seed=3)
     whole = step_gradients(cfg, 16)
     for g, ref in zip(step_gradients(cfg, 4), whole):
         torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-7)
@@ -125,7 +109,7 @@ def test_the_step_reads_nothing_back_from_the_device(tmp_path, mode, device):
     forward, chunked loss, backward, grad norm, Lilith) runs with the model on the meta device, which holds
     shapes but no values, so any .item(), nonzero, torch.equal or copy to the host raises; on a GPU, CUDA's
     sync debug mode turns any synchronisation into an error."""
-    cfg = tiny(tmp_path, mode=mode, grad_checkpointing=True)
+    cfg = tiny_config(tmp_path, mode=mode, grad_checkpointing=True)
     train, _, tok = data.embedded_dataset(cfg.seed, cfg.n_train, 1, cfg.digits)
     examples, _ = data.fit_length(data.encode_many(train, tok), cfg.seq_len)
     loader = data.Loader(examples, tok, cfg.mask_config(), cfg.global_batch, 8, cfg.seed)  # 2 micro-batches
@@ -153,46 +137,45 @@ def test_the_step_reads_nothing_back_from_the_device(tmp_path, mode, device):
 
 def test_accumulated_training_equals_one_big_batch(tmp_path):
     """The whole optimizer step, Lilith included, over three steps: micro-batch 4 vs 16."""
-    a, b = tiny(tmp_path, "a", micro_batch=16, epochs=2), tiny(tmp_path, "b", micro_batch=4, epochs=2)
+    a, b = tiny_config(tmp_path, "a", micro_batch=16, epochs=2), tiny_config(tmp_path, "b", micro_batch=4, epochs=2)
     for cfg in (a, b):
-        remask.train(cfg, log=lambda m: None)
-    for name, w in weights(a.out).items():
-        torch.testing.assert_close(weights(b.out)[name], w, rtol=1e-4, atol=2e-6)
+        remask.train(cfg, log=quiet)
+    assert_weights_close(run_weights(b.out), run_weights(a.out))
 
 
 # ----------------------------------------------------------------------------- checkpoints and resume
 
 
 def test_resume_is_bit_exact(tmp_path):
-    straight = tiny(tmp_path, "straight", epochs=3, save_every=2)
-    remask.train(straight, log=lambda m: None)
+    straight = tiny_config(tmp_path, "straight", epochs=3, save_every=2)
+    remask.train(straight, log=quiet)
     split = replace(straight, out=str(tmp_path / "split"), stop_at=3)
-    first = remask.train(split, log=lambda m: None)
+    first = remask.train(split, log=quiet)
     assert first["step"] == 3 and "model" not in first
     assert [p.name for p in remask.checkpoints(split.out)] == ["step-000002", "step-000003"]
-    remask.train(replace(split, stop_at=0, resume=True), log=lambda m: None)
-    for name, w in weights(straight.out).items():
-        assert torch.equal(weights(split.out)[name], w), name
-    assert metrics(split.out) == [{**m, **{k: ms[k] for k in ("tokens_per_s", "peak_mem_gb", "elapsed_s", "eta_s")}}
-                                  for m, ms in zip(metrics(straight.out), metrics(split.out))]
+    remask.train(replace(split, stop_at=0, resume=True), log=quiet)
+    assert_same_weights(run_weights(split.out), run_weights(straight.out))
+    timings = ("tokens_per_s", "peak_mem_gb", "elapsed_s", "eta_s")  # what may differ from run to run
+    assert run_metrics(split.out) == [{**m, **{k: ms[k] for k in timings}}
+                                      for m, ms in zip(run_metrics(straight.out), run_metrics(split.out))]
 
 
 def test_resume_refuses_a_changed_recipe_and_a_missing_checkpoint(tmp_path):
-    cfg = tiny(tmp_path, stop_at=1)
+    cfg = tiny_config(tmp_path, stop_at=1)
     with pytest.raises(TrainError, match="--resume: no checkpoint"):
-        remask.train(replace(cfg, resume=True), log=lambda m: None)
-    remask.train(cfg, log=lambda m: None)
+        remask.train(replace(cfg, resume=True), log=quiet)
+    remask.train(cfg, log=quiet)
     with pytest.raises(TrainError, match=r"--lr 0\.003.*0\.001"):
-        remask.train(replace(cfg, resume=True, lr=1e-3), log=lambda m: None)
+        remask.train(replace(cfg, resume=True, lr=1e-3), log=quiet)
     with pytest.raises(TrainError, match="--kl-weight"):
-        remask.train(replace(cfg, resume=True, kl_weight=0.2), log=lambda m: None)
+        remask.train(replace(cfg, resume=True, kl_weight=0.2), log=quiet)
     with pytest.raises(TrainError, match="--resume to continue.*--overwrite"):
-        remask.train(cfg, log=lambda m: None)  # a fresh run never silently mixes with an old one
+        remask.train(cfg, log=quiet)  # a fresh run never silently mixes with an old one
 
 
 def test_a_killed_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
-    cfg = tiny(tmp_path, epochs=2, save_every=1, keep=2, stop_at=3)
-    remask.train(cfg, log=lambda m: None)
+    cfg = tiny_config(tmp_path, epochs=2, save_every=1, keep=2, stop_at=3)
+    remask.train(cfg, log=quiet)
     assert [p.name for p in remask.checkpoints(cfg.out)] == ["step-000002", "step-000003"]  # the last K kept
     # a save killed mid-way (here: the optimizer file fails after the model is written)
     monkeypatch.setattr(remask.torch, "save", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
@@ -207,32 +190,20 @@ def test_a_killed_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeyp
     shutil.copytree(root / "step-000003", partial)
     (partial / "trainer.pt").write_bytes(b"\x80 torn")
     assert [p.name for p in remask.checkpoints(cfg.out)] == ["step-000002", "step-000003"]
-    summary = remask.train(replace(cfg, stop_at=0, resume=True), log=lambda m: None)
+    summary = remask.train(replace(cfg, stop_at=0, resume=True), log=quiet)
     assert summary["step"] == 4 and not partial.exists()
-    straight = tiny(tmp_path, "straight", epochs=2)
-    remask.train(straight, log=lambda m: None)
-    for name, w in weights(straight.out).items():
-        assert torch.equal(weights(cfg.out)[name], w), name
+    straight = tiny_config(tmp_path, "straight", epochs=2)
+    remask.train(straight, log=quiet)
+    assert_same_weights(run_weights(cfg.out), run_weights(straight.out))
 
 # ----------------------------------------------------------------------------- failures
 
 
-def _failing_at(monkeypatch, call, effect):
-    """Make micro_step_loss's `call`-th call (from 1) go wrong with effect(loss)."""
-    real, calls = remask.micro_step_loss, []
-
-    def wrapped(*args, **kwargs):
-        loss, parts = real(*args, **kwargs)
-        calls.append(1)
-        return (effect(loss), parts) if len(calls) == call else (loss, parts)
-    monkeypatch.setattr(remask, "micro_step_loss", wrapped)
-
-
 def test_nan_loss_stops_naming_the_step_and_the_last_checkpoint(tmp_path, monkeypatch):
-    cfg = tiny(tmp_path, epochs=2, save_every=2)
-    _failing_at(monkeypatch, 5, lambda loss: loss * float("nan"))  # step 3's first micro-batch
+    cfg = tiny_config(tmp_path, epochs=2, save_every=2)
+    fail_micro_step(monkeypatch, 5, lambda loss: loss * float("nan"))  # step 3's first micro-batch
     with pytest.raises(TrainError, match=r"loss is nan at step 3.*last good checkpoint: .*step-000002"):
-        remask.train(cfg, log=lambda m: None)
+        remask.train(cfg, log=quiet)
 
 
 def test_non_finite_weights_stop_before_they_are_saved(tmp_path, monkeypatch):
@@ -246,28 +217,28 @@ def test_non_finite_weights_stop_before_they_are_saved(tmp_path, monkeypatch):
             with torch.no_grad():
                 self.param_groups[0]["params"][0].view(-1)[0] = float("inf")
     monkeypatch.setattr(remask.Lilith, "step", poisoned)
-    cfg = tiny(tmp_path, epochs=2, save_every=1, keep=5, log_every=4)
+    cfg = tiny_config(tmp_path, epochs=2, save_every=1, keep=5, log_every=4)
     with pytest.raises(TrainError, match=r"weights are not finite at step 3.*last good checkpoint: .*step-000002"):
-        remask.train(cfg, log=lambda m: None)
+        remask.train(cfg, log=quiet)
     assert [p.name for p in remask.checkpoints(cfg.out)] == ["step-000001", "step-000002"]
 
 
 def test_out_of_memory_names_the_flags(tmp_path, monkeypatch):
     def oom(loss):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    _failing_at(monkeypatch, 1, oom)
+    fail_micro_step(monkeypatch, 1, oom)
     with pytest.raises(TrainError, match=r"--micro-batch 4 .*--grad-checkpointing"):
-        remask.train(tiny(tmp_path), log=lambda m: None)
+        remask.train(tiny_config(tmp_path), log=quiet)
 
 
 def test_ctrl_c_saves_and_stops(tmp_path, monkeypatch):
     def interrupt(loss):
         os.kill(os.getpid(), signal.SIGINT)
         return loss
-    _failing_at(monkeypatch, 3, interrupt)  # during step 2
-    cfg = tiny(tmp_path, epochs=2)
+    fail_micro_step(monkeypatch, 3, interrupt)  # during step 2
+    cfg = tiny_config(tmp_path, epochs=2)
     before = signal.getsignal(signal.SIGINT)  # SIG_IGN where the suite runs as a background job
-    summary = remask.train(cfg, log=lambda m: None)
+    summary = remask.train(cfg, log=quiet)
     assert summary["interrupted"] and summary["step"] == 2
     assert [p.name for p in remask.checkpoints(cfg.out)] == ["step-000002"]
     assert signal.getsignal(signal.SIGINT) == before  # the handler is put back
@@ -275,22 +246,22 @@ def test_ctrl_c_saves_and_stops(tmp_path, monkeypatch):
 
 def test_bad_model_paths_and_mismatched_tokenizers(tmp_path):
     with pytest.raises(TrainError, match="--model .*nowhere: not a directory"):
-        remask.train(tiny(tmp_path, model=str(tmp_path / "nowhere")), log=lambda m: None)
+        remask.train(tiny_config(tmp_path, model=str(tmp_path / "nowhere")), log=quiet)
     model_dir = tmp_path / "tiny-model"
-    shutil.copytree(FIXTURES / "stablelm-tiny", model_dir)
+    shutil.copytree(STABLELM_TINY, model_dir)
     with pytest.raises(data.DataError, match="tokenizer.json: not found"):
-        remask.train(tiny(tmp_path, model=str(model_dir)), log=lambda m: None)
+        remask.train(tiny_config(tmp_path, model=str(model_dir)), log=quiet)
     data.embedded_tokenizer().save(model_dir)  # 512 rows: the 320-row fixture must grow
     lines = []
-    remask.train(tiny(tmp_path, "grown", model=str(model_dir), max_steps=1), log=lines.append)
+    remask.train(tiny_config(tmp_path, "grown", model=str(model_dir), max_steps=1), log=lines.append)
     assert any(re.search(r"growing the vocabulary from 320 to 512 rows", line) for line in lines)
     config = json.loads((model_dir / "config.json").read_text())
     (model_dir / "config.json").write_text(json.dumps({**config, "eos_token_id": 7}))
     with pytest.raises(TrainError, match="eos_token_id is 7.*does not belong"):
-        remask.train(tiny(tmp_path, "mismatch", model=str(model_dir)), log=lambda m: None)
+        remask.train(tiny_config(tmp_path, "mismatch", model=str(model_dir)), log=quiet)
     (model_dir / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(TrainError, match="broken safetensors"):
-        remask.train(tiny(tmp_path, "broken", model=str(model_dir)), log=lambda m: None)
+        remask.train(tiny_config(tmp_path, "broken", model=str(model_dir)), log=quiet)
 
 # ----------------------------------------------------------------------------- command line
 
@@ -329,7 +300,7 @@ def test_save_every_fires_on_its_own_steps_through_the_command_line(tmp_path, lo
             "--keep", "10", "--log-every", str(log_every), "--save-every", str(save_every), "--stop-at", str(stop_at)]
     assert remask.main(args) == 0
     assert [int(p.name.split("-")[1]) for p in remask.checkpoints(out)] == saved
-    assert [m["step"] for m in metrics(out)] == logged
+    assert [m["step"] for m in run_metrics(out)] == logged
 
 
 @pytest.mark.parametrize("command", [[], ["train"], ["compare"], ["generate"]])
@@ -344,10 +315,10 @@ def test_help_of_every_command(command, capsys):
 def test_bf16_autocast_over_fp32_weights(tmp_path, device, compile):
     """--precision bf16 runs the model under bf16 autocast (bf16 logits into the chunked loss) while the weights
     and Lilith's state stay fp32: the GPU configuration, on the CPU as well as on a GPU (eager and compiled)."""
-    cfg = tiny(tmp_path, precision="bf16", n_train=8, global_batch=8, epochs=4, device=device, compile=compile)
-    remask.train(cfg, log=lambda m: None)
-    history = metrics(cfg.out)
+    cfg = tiny_config(tmp_path, precision="bf16", n_train=8, global_batch=8, epochs=4, device=device, compile=compile)
+    remask.train(cfg, log=quiet)
+    history = run_metrics(cfg.out)
     assert history[-1]["loss"] < 0.9 * history[0]["loss"]
-    assert all(w.dtype == torch.float32 for w in weights(cfg.out).values())
+    assert all(w.dtype == torch.float32 for w in run_weights(cfg.out).values())
     state = torch.load(remask.checkpoints(cfg.out)[-1] / "trainer.pt", weights_only=False)["optimizer"]["state"]
     assert all(s["v_avg"].dtype == torch.float32 for s in state.values())

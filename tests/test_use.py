@@ -6,7 +6,6 @@ end-to-end runs use the tiny StableLM fixture (its vocabulary grown for the embe
 through the CLI. ARC has its own module, test_arc.py.
 """
 import io
-import json
 import re
 import subprocess
 import sys
@@ -16,16 +15,19 @@ import torch
 
 import model as M
 import remask
-from conftest import FIXTURES, ROOT
-from data import (GSM8K_STOP, GSM8KProblem, chat_prompt, cot_prompt, embedded_tokenizer, gsm8k_prompts, load_tokenizer,
-                  score_gsm8k)
-from model import StableLM
+from conftest import ROOT, read_jsonl, run_cli, save_tiny_model, write_jsonl
+from data import GSM8K_STOP, GSM8KProblem, chat_prompt, cot_prompt, embedded_tokenizer, gsm8k_prompts, score_gsm8k
 from remask import chat_loop, completion_text, evaluate_gsm8k, greedy_completions, load_for_inference
 
 TRAIN = [GSM8KProblem(f"What is {i} + {i}?", f"{i} + {i} = {2 * i}\n#### {2 * i}") for i in range(1, 8)]
 TEST = [GSM8KProblem("Tom has 3 apples and buys 4. How many?", "3 + 4 = <<3+4=7>>7\n#### 7"),
         GSM8KProblem("A box holds 1,200 pens; 200 are sold. How many are left?", "1200 - 200 = 1000\n#### 1,000"),
         GSM8KProblem("It is -2 degrees and drops 3. What is it now?", "-2 - 3 = -5\n#### -5")]
+
+
+def as_gsm8k_rows(problems):
+    """GSM8K problems as rows of the dataset's schema (question, answer)."""
+    return [{"question": p.question, "answer": p.answer} for p in problems]
 
 
 def scripted(completions):
@@ -67,14 +69,13 @@ def test_gsm8k_limit_and_cot_format():
     ("<|rationale|>3 + 4 = 7\n#### 7", "7", "[invalid]"),
     (" #### 7\n<|answer|>\n8\n<|user|>\nQuestion: next", "7", "8"),
 ])
-def test_generated_tags_are_decoded_as_each_format_reads_them(generated, harness_strict, cot_strict):
+def test_generated_tags_are_decoded_as_each_format_reads_them(neox, generated, harness_strict, cot_strict):
     """Generated ids (tags are single special ids of the GPT-NeoX tokenizer with the ReMask tags), then
     <|endoftext|>: the harness format scores the text without tags, the CoT format keeps them to find the answer."""
-    tok = load_tokenizer(FIXTURES / "gpt-neox-20b-tokenizer")
-    ids = tok.encode(generated) + [tok.eos_id, *tok.encode(" #### 99")]  # nothing after <|endoftext|> counts
-    assert tok.user_id in ids or tok.answer_id in ids or tok.rationale_id in ids
-    harness = completion_text(tok, ids, (tok.eos_id,), GSM8K_STOP["harness"], skip_special_tokens=True)
-    cot = completion_text(tok, ids, (tok.user_id, tok.eos_id), GSM8K_STOP["cot"])
+    ids = neox.encode(generated) + [neox.eos_id, *neox.encode(" #### 99")]  # nothing after <|endoftext|> counts
+    assert neox.user_id in ids or neox.answer_id in ids or neox.rationale_id in ids
+    harness = completion_text(neox, ids, (neox.eos_id,), GSM8K_STOP["harness"], skip_special_tokens=True)
+    cot = completion_text(neox, ids, (neox.user_id, neox.eos_id), GSM8K_STOP["cot"])
     reference = "1 + 1 = 2\n#### " + harness_strict
     assert score_gsm8k([harness], [reference], "harness")["strict-match"].extracted == [harness_strict]
     assert score_gsm8k([cot], ["#### " + cot_strict], "cot")["strict-match"].extracted == [cot_strict]
@@ -133,23 +134,18 @@ def tiny_model_dir(tmp_path_factory):
     """The stablelm-tiny fixture with its vocabulary grown to the embedded tokenizer's, saved with it."""
     path = tmp_path_factory.mktemp("tiny")
     tok = embedded_tokenizer(tmp_path_factory.mktemp("cache"))
-    model = StableLM.from_pretrained(FIXTURES / "stablelm-tiny")
-    model.resize_vocab(len(tok))
-    model.save_pretrained(path / "model")
-    tok.save(path / "model")
-    return path / "model"
+    return save_tiny_model(tok, path / "model")
 
 
 def test_eval_command_end_to_end(tiny_model_dir, tmp_path, capsys):
     for name, rows in (("test", TEST), ("train", TRAIN)):
-        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"question": p.question, "answer": p.answer}) + "\n"
-                                                        for p in rows))
+        write_jsonl(tmp_path / f"{name}.jsonl", as_gsm8k_rows(rows))
     out = tmp_path / "results.jsonl"
     assert remask.main(["eval", "gsm8k", "--model", str(tiny_model_dir), "--data", str(tmp_path / "test.jsonl"),
                         "--fewshot-data", str(tmp_path / "train.jsonl"), "--max-new-tokens", "6", "--batch-size", "2",
                         "--output", str(out), "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    rows = read_jsonl(out)
     assert len(rows) == 3 and [r["reference"] for r in rows] == [p.answer for p in TEST]
     for name in ("strict-match", "flexible-extract"):
         accuracy = sum(r[f"{name}_correct"] for r in rows) / 3
@@ -180,28 +176,18 @@ def test_compiled_decoding_gives_the_same_completions(tiny_model_dir, monkeypatc
 
 def test_eval_command_errors_clearly(tiny_model_dir, tmp_path, capsys):
     good = tmp_path / "good.jsonl"
-    good.write_text(json.dumps({"question": TEST[0].question, "answer": TEST[0].answer}) + "\n")
+    write_jsonl(good, as_gsm8k_rows(TEST[:1]))
     (tmp_path / "bad.jsonl").write_text('{"question": "q", "answer": "no final answer"}\n')
     cases = [(("--model", tiny_model_dir, "--data", good), "--fewshot-data"),
              (("--model", tiny_model_dir, "--data", tmp_path / "missing.jsonl", "--format", "cot"), "missing.jsonl"),
              (("--model", tiny_model_dir, "--data", tmp_path / "bad.jsonl", "--format", "cot"), "bad.jsonl:1"),
              (("--model", tmp_path / "nowhere", "--data", good, "--format", "cot"), "nowhere")]
     for args, message in cases:
-        code, said = run_main(["eval", "gsm8k", *args], capsys)
+        code, _, said = run_cli(remask.main, ["eval", "gsm8k", *args], capsys)
         assert code == 1 and said.startswith("error: ") and message in said, said
 
 
 # ----------------------------------------------------------------------------- bad input: one line, non-zero exit
-
-def run_main(argv, capsys):
-    """(exit code, message) of remask.main(argv): the error line comes as SystemExit's message or on stderr."""
-    try:
-        code = remask.main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    err = capsys.readouterr().err
-    return (1, code) if isinstance(code, str) else (code, err)
-
 
 BAD_INPUT = [  # (command and flags after --model DIR, what the one error line must say)
     (["generate", "--prompt", "hi", "--max-new-tokens", "-5"], "--max-new-tokens must be at least 1, got -5"),
@@ -233,14 +219,14 @@ BAD_INPUT = [  # (command and flags after --model DIR, what the one error line m
 @pytest.mark.parametrize("args, message", BAD_INPUT, ids=[" ".join(a[:3]) for a, _ in BAD_INPUT])
 def test_bad_input_is_one_error_line(tiny_model_dir, tmp_path, capsys, args, message):
     data_file = tmp_path / "test.jsonl"
-    data_file.write_text("".join(json.dumps({"question": p.question, "answer": p.answer}) + "\n" for p in TEST))
+    write_jsonl(data_file, as_gsm8k_rows(TEST))
     args = [a.replace("TMP", str(tmp_path)) for a in args]
     if "FEWSHOT" in args:
         args[args.index("FEWSHOT"):] = ["--fewshot-data", str(data_file)]
     if args[0] == "eval":
         args += ["--data", str(data_file)]
     before = sorted(tmp_path.rglob("*"))
-    code, said = run_main([*args, "--model", tiny_model_dir, "--device", "cpu"], capsys)
+    code, _, said = run_cli(remask.main, [*args, "--model", tiny_model_dir, "--device", "cpu"], capsys)
     assert code != 0 and said.startswith("error: ") and "\n" not in said.strip(), said
     assert re.search(message, said), said
     assert sorted(tmp_path.rglob("*")) == before  # nothing written
@@ -259,8 +245,7 @@ def test_chat_says_so_for_undecodable_bytes_and_goes_on(tiny_model_dir):
 def test_gsm8k_prompts_longer_than_the_context_are_cut_on_the_left(tiny_model_dir, tmp_path, capsys):
     """As HFLM.generate_until: the prompt keeps its last (context - max_new_tokens) tokens; the run says so."""
     for name, rows in (("test", TEST), ("train", TRAIN)):
-        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"question": p.question, "answer": p.answer})
-                                                        + "\n" for p in rows))
+        write_jsonl(tmp_path / f"{name}.jsonl", as_gsm8k_rows(rows))
     assert remask.main(["eval", "gsm8k", "--model", str(tiny_model_dir), "--data", str(tmp_path / "test.jsonl"),
                         "--fewshot-data", str(tmp_path / "train.jsonl"), "--max-new-tokens", "4", "--output",
                         str(tmp_path / "out.jsonl"), "--device", "cpu"]) == 0
@@ -272,4 +257,4 @@ def test_gsm8k_prompts_longer_than_the_context_are_cut_on_the_left(tiny_model_di
     assert len(tok.encode(prompt)) > 124
     expected = completion_text(tok, M.generate(model, torch.tensor([cut]), 4, stop_ids=(tok.eos_id,))[0, 124:].tolist(),
                                (tok.eos_id,), GSM8K_STOP["harness"], skip_special_tokens=True)
-    assert json.loads((tmp_path / "out.jsonl").read_text().splitlines()[0])["completion"] == expected
+    assert read_jsonl(tmp_path / "out.jsonl")[0]["completion"] == expected
