@@ -437,7 +437,7 @@ class StableLM(nn.Module):
 
 
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json",
-               "tokenizer_config.json", "special_tokens_map.json")
+               "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 class DirectoryNotReplaceable(FileExistsError):
