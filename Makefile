@@ -6,14 +6,15 @@ VENV_PYTHON := .venv/bin/python
 ENV := $(if $(filter $(VENV_PYTHON),$(PYTHON)),.venv/installed)
 ARGS ?=
 
-.PHONY: help test train bench data quantize eval compare clean
+.PHONY: help test train bench data model quantize eval compare clean
 
 help:
 	@echo "make test                      run the test suite (builds .venv on first use)"
 	@echo "make train [ARGS='--flag ...']  fine-tune; no ARGS = the embedded CPU demo"
 	@echo "make bench                     throughput benchmarks on the current device"
 	@echo "make data                      download the recipe's datasets and GSM8K into data/"
-	@echo "make quantize MODEL=DIR OUT=DIR  LLM.int8 8-bit copy of a checkpoint"
+	@echo "make model MODEL=org/name[@rev]  download a model from the Hugging Face Hub into its cache (prints its path)"
+	@echo "make quantize MODEL=DIR OUT=DIR  LLM.int8 8-bit copy of a checkpoint (MODEL may be org/name on the Hub)"
 	@echo "make eval MODEL=DIR [DATA=data]  the card's table: GSM8K 5-shot strict-match, ARC-Challenge 25-shot acc_norm"
 	@echo "make compare [ARGS='--seeds N']  SFT vs Masked Thought vs ReMask on the embedded task: 6 epochs over 1408"
 	@echo "                               examples, 5 seeds, paired 95% intervals, curves.svg (26 min on 2 cores)"
@@ -35,8 +36,13 @@ bench: $(ENV)
 data: $(ENV)
 	$(PYTHON) data.py download all --out data
 
+# Into the Hugging Face cache ($$HF_HUB_CACHE, else $$HF_HOME/hub, else ~/.cache/huggingface/hub), shared with transformers.
+model: $(ENV)
+	@test -n "$(MODEL)" || { echo "usage: make model MODEL=org/name[@revision]"; exit 2; }
+	$(PYTHON) data.py download $(MODEL) $(ARGS)
+
 quantize: $(ENV)
-	@test -n "$(MODEL)" -a -n "$(OUT)" || { echo "usage: make quantize MODEL=IN_DIR OUT=OUT_DIR"; exit 2; }
+	@test -n "$(MODEL)" -a -n "$(OUT)" || { echo "usage: make quantize MODEL=IN_DIR|org/name OUT=OUT_DIR"; exit 2; }
 	$(PYTHON) quantize.py $(MODEL) $(OUT) $(ARGS)
 
 # Both columns of the card's table; the per-question rows land beside the model directory (MODEL-gsm8k.jsonl, ...).

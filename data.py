@@ -28,12 +28,18 @@ The file follows one example through the pipeline, top to bottom:
   files        what reading and writing share: `atomic_write` (a file appears whole or not at all, with the
                umask's mode), `read_text`, `json_lines` and `read_json_objects` (errors name the file and line).
   download     `python data.py download NAME|all --out DIR` through the dataset viewer's /rows API (stdlib only).
+  models       `resolve_model("org/name[@revision]")`: a model on the Hugging Face Hub as its directory in the cache
+               transformers shares (downloaded where missing, resumable, hash-checked); a local directory as is.
+               `python data.py download ORG/NAME[@REVISION]` downloads one.
+  chat         `save_chat_config(dir, tok)`: the chat template, eos and stop ids other tools read, in every model
+               directory remask writes.
   gsm8k        the lm-evaluation-harness GSM8K task without the model: `read_gsm8k(path)`, `gsm8k_prompts`
                (5-shot 'Question: ...\\nAnswer:' drawn with seed 1234, or the CoT template), `cut_at_stop`,
                `strict_match`, `flexible_extract`, `normalize_gsm8k`, and `score_gsm8k` (accuracy and stderr).
   arc          the lm-evaluation-harness ARC task (25-shot log-likelihoods) without the model: `read_arc(path)`,
                `arc_contexts`, `arc_continuations`, `encode_pair` and `score_arc` (acc, acc_norm and stderr).
-  command line `python data.py show ...`, `python data.py check ...` and `python data.py download ...`.
+  command line `python data.py show ...`, `python data.py check ...` and `python data.py download ...`
+               (datasets or a model).
 
 Conventions other modules rely on: labels are aligned with input_ids (Hugging Face convention; the loss shifts
 them), -100 where there is no label; kl_mask is aligned the same way and marks the target positions before any
@@ -50,11 +56,14 @@ openai/gsm8k; the dataset formats of TRL (huggingface.co/docs/trl/dataset_format
 FastChat's ShareGPT files and tatsu-lab/stanford_alpaca's alpaca_data.json; the Hugging Face dataset viewer API
 (huggingface.co/docs/dataset-viewer, the /rows endpoint);
 EleutherAI lm-evaluation-harness 0.4.13 (lm_eval/tasks/gsm8k/gsm8k.yaml version 3.0, api/samplers.py,
-api/task.py, filters/extraction.py, api/metrics.py, models/huggingface.py generate_until).
+api/task.py, filters/extraction.py, api/metrics.py, models/huggingface.py generate_until); huggingface_hub 2.4
+(constants.py, file_download.py, hf_api.py, utils/_http.py, _snapshot_download.py: the Hub's HTTP interface and
+cache layout); transformers (tokenization_utils_base.py: chat_template.jinja, how a chat template is rendered).
 """
 from __future__ import annotations  # the pipeline reads in order: encode names Tokenizer before it is defined
 
 import argparse
+import fcntl
 import hashlib
 import http.client
 import json
@@ -62,13 +71,17 @@ import math
 import os
 import random
 import re
+import shutil
+import socket
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -402,9 +415,11 @@ class Tokenizer:
         return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def save(self, directory) -> Path:
-        """Write `directory/tokenizer.json` atomically (tags included), so the directory reloads the same."""
+        """Write `directory/tokenizer.json` atomically (tags included), so the directory reloads the same, and the
+        files other tools chat with it through (save_chat_config); returns the tokenizer.json path."""
         path = Path(directory) / "tokenizer.json"
         atomic_write(path, self.tk.to_str(pretty=True).encode())
+        save_chat_config(directory, self)
         return path
 
 
@@ -1158,6 +1173,636 @@ def download(name: str, out_dir, endpoint: str = DEFAULT_ENDPOINT, retries: int 
     return paths
 
 
+# ----------------------------------------------------------------------------- models by name (the Hub's own cache)
+# `resolve_model("org/name@revision")`: a model on the Hugging Face Hub as a directory, in the cache huggingface_hub
+# and transformers share, so nothing is stored twice. The facts come from huggingface_hub 2.4 (constants.py,
+# file_download.py, hf_api.py, utils/_http.py, _snapshot_download.py); the code is ours, on http.client.
+#   layout   CACHE/models--ORG--NAME/blobs/<etag>                 the files, named by their etag
+#                                    snapshots/<commit>/<file>   relative links ../../blobs/<etag>
+#                                    refs/<revision>              the commit a branch or tag last resolved to
+#            CACHE/.locks/models--ORG--NAME/<etag>.lock           the stock client's lock, so we exclude each other
+#   etag     an LFS file's is its SHA-256, any other file's its git blob hash, sha1("blob <size>\0" + bytes): both
+#            are checked while the bytes stream in, and a blob is renamed into place only when its hash matches.
+#   requests GET /api/models/ORG/NAME/revision/REV (the commit, the file list); per missing file, HEAD
+#            /ORG/NAME/resolve/COMMIT/FILE (its etag from X-Linked-Etag else ETag, its size from X-Linked-Size else
+#            Content-Length, read on the Hub's redirect to a storage host), then a GET of the same URL, the redirect
+#            followed: the token only ever goes to the endpoint's own host.
+# Beyond the stock client: an interrupted file resumes from blobs/<etag>.incomplete in the next process too (the
+# stock client starts it over), and small files are hash-checked as well as large ones (it checks their size).
+
+HUB_ENDPOINT = "https://huggingface.co"
+COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
+HUB_NAME = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?"  # huggingface_hub's validate_repo_id, minus unicode
+HUB_ID = re.compile(rf"({HUB_NAME}/{HUB_NAME})(?:@(\S+))?")
+MODEL_CONFIG_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                      "special_tokens_map.json", "chat_template.jinja")  # what a StableLM needs besides weights
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # weights that torch.load would unpickle (and so run code)
+CHUNK = 1 << 20  # bytes per read of a file body
+DEADLINE_BYTES = 1 << 16  # a body must deliver this many bytes (or its rest) within --timeout, or it is retried
+PROGRESS_MIN_BYTES = 50 * 10**6  # files at least this large report progress on stderr ...
+PROGRESS_EVERY = 5.0  # ... every this many seconds
+ENV_TRUE = {"1", "ON", "YES", "TRUE"}  # huggingface_hub's spellings of a true environment variable
+
+
+class ModelNotFound(DownloadError):
+    """No model of that name where it was looked for: on the Hub (which says the same of a private one to someone
+    without a token), or offline, in the cache."""
+
+
+def _hf_home() -> str:
+    return os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+
+
+def hub_cache() -> Path:
+    """The cache transformers and huggingface_hub read: $HF_HUB_CACHE, else $HF_HOME/hub, else
+    $XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub."""
+    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") \
+        or os.path.join(_hf_home(), "hub")
+    return Path(os.path.expandvars(os.path.expanduser(cache)))
+
+
+def hub_token():
+    """$HF_TOKEN, else the file `huggingface-cli login` writes ($HF_TOKEN_PATH, else $HF_HOME/token); None without
+    one. Line breaks and surrounding spaces are not part of a token."""
+    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    if not token:
+        path = os.environ.get("HF_TOKEN_PATH") or os.path.join(_hf_home(), "token")
+        try:
+            token = Path(os.path.expandvars(os.path.expanduser(path))).read_text()
+        except FileNotFoundError:
+            return None
+    return token.replace("\r", "").replace("\n", "").strip() or None
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) set to 1/on/yes/true: resolve from the cache, send nothing."""
+    return (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or "").upper() in ENV_TRUE
+
+
+def parse_model_id(spec: str):
+    """'org/name' or 'org/name@revision' -> (repo, revision), the revision 'main' by default; None for anything
+    else. A revision is a branch, a tag or a commit hash (refs/pr/1 included), never a path that climbs."""
+    m = HUB_ID.fullmatch(spec)
+    if not m or len(m[1]) > 96 or "--" in m[1] or ".." in m[1]:
+        return None
+    revision = m[2] or "main"
+    if revision.startswith("/") or any(part in ("", ".", "..") for part in revision.split("/")):
+        return None
+    return m[1], revision
+
+
+def resolve_model(spec: str, log=print) -> Path:
+    """The model directory `spec` names: an existing local directory as is (it wins over a Hub id of the same
+    spelling), else ORG/NAME[@REVISION] as its snapshot directory in the Hub cache, downloaded where missing
+    (download_model with the environment's settings). Anything else is a DataError."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise DataError(f"{spec}: a file, not a model directory")
+    hub_id = parse_model_id(spec)
+    if hub_id is None:
+        raise DataError(f"{spec}: neither a directory nor a Hugging Face Hub model id (org/name or "
+                        f"org/name@revision)")
+    try:
+        return download_model(*hub_id, log=log)
+    except ModelNotFound as e:
+        raise ModelNotFound(f"{spec}: no such local directory, and {e}", False) from None
+
+
+def download_model(repo: str, revision: str = "main", cache=None, endpoint=None, token=None, offline=None,
+                   retries: int = 6, backoff: float = 1.0, timeout: float = 60.0, log=print) -> Path:
+    """The snapshot directory of repo at revision in the Hub cache, holding what a StableLM needs (model_files):
+    the cached one without a request when the revision is a commit hash or offline is set, else after one metadata
+    request, downloading the files the snapshot lacks. cache, endpoint, token and offline default to the
+    environment ($HF_HUB_CACHE ..., $HF_ENDPOINT, $HF_TOKEN ..., HF_HUB_OFFLINE); token "" sends none.
+    retries/backoff: per request, exponential from backoff seconds unless the server sends Retry-After; timeout:
+    seconds a request may take to answer, and a file body to deliver each DEADLINE_BYTES bytes."""
+    cache = Path(cache).expanduser() if cache else hub_cache()
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    cached = _cached_snapshot(folder, revision)
+    if hub_offline() if offline is None else offline:
+        if cached is None:
+            raise ModelNotFound(f"{repo}@{revision} is not in the Hub cache {cache} and HF_HUB_OFFLINE is set: run "
+                                f"`python data.py download {repo}@{revision}` where the Hub can be reached", False)
+        return cached
+    if cached is not None and COMMIT_HASH.fullmatch(revision):
+        return cached  # a commit never changes
+    session = HubSession(repo, revision, (endpoint or os.environ.get("HF_ENDPOINT") or HUB_ENDPOINT).rstrip("/"),
+                         hub_token() if token is None else token or None, retries, backoff, timeout, log)
+    try:  # with a complete snapshot at hand, a Hub that does not answer at once is not waited for
+        commit, names = session.revision_info(retry=cached is None)
+    except DownloadError as e:
+        if cached is None or not e.resumable:  # resumable: the Hub could not be reached
+            raise
+        log(f"{repo}@{revision}: using the cached snapshot {cached.name[:12]}, the Hub cannot be reached ({e})")
+        return cached
+    snapshot = folder / "snapshots" / commit
+    files = model_files(repo, revision, names)
+    session.place(folder, commit, files)
+    if SAFETENSORS_INDEX in files:  # the shards are known once the index is here
+        session.place(folder, commit, _index_shards(snapshot / SAFETENSORS_INDEX, names))
+    if revision != commit and _read_ref(folder, revision) != commit:
+        atomic_write(folder / "refs" / revision, commit)
+    return snapshot
+
+
+def model_files(repo: str, revision: str, names) -> list:
+    """Of a repository's top-level files, those a StableLM needs: config.json, the tokenizer files,
+    generation_config.json, and the weights as safetensors (the index, whose shards come next, where there is one,
+    as model.py reads it first; else model.safetensors). Weights only as pickles are refused: remask never
+    unpickles a download."""
+    names = set(names)
+    if "config.json" not in names:
+        raise DataError(f"{repo}@{revision}: no config.json; not a transformers model")
+    weights = next((n for n in (SAFETENSORS_INDEX, "model.safetensors") if n in names), None)
+    if weights is None:
+        pickles = sorted(n for n in names if n.endswith(PICKLES))
+        what = f"its weights only as pickles ({', '.join(pickles)})" if pickles else "no model.safetensors"
+        raise DataError(f"{repo}@{revision}: has {what}; remask loads safetensors only and never unpickles a "
+                        f"download (unpickling can run code): choose a revision with model.safetensors")
+    return [n for n in MODEL_CONFIG_FILES if n in names] + [weights]
+
+
+def _index_shards(index: Path, names) -> list:
+    """The shard files an index's weight_map names, each a top-level .safetensors file of the repository."""
+    try:
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DataError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+    for shard in shards:
+        if not isinstance(shard, str) or not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*\.safetensors", shard) \
+                or shard not in names:
+            raise DataError(f"{index}: names {shard!r}, not a .safetensors file of the repository")
+    return shards
+
+
+def _read_ref(folder: Path, revision: str):
+    try:
+        return (folder / "refs" / revision).read_text().strip() or None
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _cached_snapshot(folder: Path, revision: str):
+    """The snapshot directory of revision (a commit hash, or the commit refs/<revision> holds) if it holds a whole
+    StableLM (config.json, and model.safetensors or every shard of its index); else None."""
+    commit = revision if COMMIT_HASH.fullmatch(revision) else _read_ref(folder, revision)
+    if commit is None or not COMMIT_HASH.fullmatch(commit):
+        return None
+    snapshot = folder / "snapshots" / commit
+    if not (snapshot / "config.json").is_file():
+        return None
+    if (snapshot / SAFETENSORS_INDEX).is_file():
+        try:
+            shards = _index_shards(snapshot / SAFETENSORS_INDEX, os.listdir(snapshot))
+        except DataError:
+            return None
+        return snapshot if all((snapshot / shard).is_file() for shard in shards) else None
+    return snapshot if (snapshot / "model.safetensors").is_file() else None
+
+
+def _link(blob: Path, pointer: Path):
+    """pointer -> blob as a relative link (the cache stays valid when moved), made beside it and renamed over."""
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pointer.with_name(f".{pointer.name}.{os.getpid()}.link")
+    tmp.unlink(missing_ok=True)
+    os.symlink(os.path.relpath(blob, pointer.parent), tmp)
+    os.replace(tmp, pointer)
+
+
+@contextmanager
+def _exclusive(lock: Path, what: str, log):
+    """Hold an flock on `lock` (the path the stock client locks too): one process at a time fetches a blob."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o664)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"{what}: waiting for another process that is downloading it")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass  # a filesystem without locks (some NFS setups): the hash check still guards what is placed
+        yield
+    finally:
+        os.close(fd)
+
+
+class _Transient(Exception):
+    """A failure worth retrying: a dropped or stalled connection, 429 or 5xx. retry_after: the server's wait in
+    seconds; progressed: the attempt received bytes before it failed (the count of failures starts again)."""
+
+    def __init__(self, message: str, retry_after=None, progressed: bool = False):
+        super().__init__(message)
+        self.retry_after, self.progressed = retry_after, progressed
+
+
+def _origin(url: str) -> tuple:
+    u = urllib.parse.urlsplit(url)
+    return u.scheme, (u.hostname or "").lower(), u.port or {"http": 80, "https": 443}.get(u.scheme)
+
+
+class _Exchange:
+    """One HTTP request and its answer, under a deadline rather than only a per-read timeout (a server sending a
+    byte a second passes every read timeout): the answer must arrive within `timeout` seconds, and the body only
+    moves the deadline on (extend) as it delivers. A watcher thread shuts the socket down when the deadline passes.
+    Proxies come from the environment, as urllib finds them."""
+
+    def __init__(self, method: str, url: str, headers: dict, timeout: float):
+        u = urllib.parse.urlsplit(url)
+        https, port = u.scheme == "https", _origin(url)[2]
+        connection = http.client.HTTPSConnection if https else http.client.HTTPConnection
+        target = u.path + (f"?{u.query}" if u.query else "")
+        proxy = urllib.request.getproxies().get(u.scheme)
+        if proxy and not urllib.request.proxy_bypass(u.hostname):
+            p = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+            self.conn = connection(p.hostname, p.port or 80, timeout=timeout)
+            if https:
+                self.conn.set_tunnel(u.hostname, port)  # TLS with the host itself, through the proxy
+            else:
+                target = url  # a plain HTTP proxy takes the whole URL
+        else:
+            self.conn = connection(u.hostname, port, timeout=timeout)
+        self.url, self.timeout, self.expired = url, timeout, False
+        self._deadline = time.monotonic() + timeout
+        self._closed = threading.Event()
+        threading.Thread(target=self._watch, daemon=True).start()
+        try:
+            self.conn.request(method, target or "/", headers=headers)
+            self.answer = self.conn.getresponse()
+        except (OSError, http.client.HTTPException) as e:
+            self.close()
+            raise self._failure(e) from None
+        except BaseException:
+            self.close()
+            raise
+        self.status, self.headers = self.answer.status, self.answer.headers
+
+    def _watch(self):
+        while not self._closed.wait(max(self._deadline - time.monotonic(), 0.0)):
+            if time.monotonic() >= self._deadline:
+                self.expired = True
+                try:
+                    self.conn.sock.shutdown(socket.SHUT_RDWR)
+                except (AttributeError, OSError):
+                    pass  # not connected yet (connecting has the socket timeout), or closed already
+                return
+
+    def _failure(self, e) -> _Transient:
+        if self.expired:
+            return _Transient(f"{self.url}: no answer or progress within {self.timeout:g}s")
+        return _Transient(f"{self.url}: {type(e).__name__}: {e}")
+
+    def extend(self):
+        self._deadline = time.monotonic() + self.timeout
+
+    def read(self, n: int = -1) -> bytes:
+        """Up to n bytes of the body as one read delivers them (b'' at its end); the whole body for n = -1."""
+        try:
+            data = self.answer.read() if n < 0 else self.answer.read1(n)
+        except (OSError, http.client.HTTPException) as e:
+            raise self._failure(e) from None
+        if not data and self.expired:  # the watcher shut the socket down: say so rather than 'closed'
+            raise self._failure(None)
+        return data
+
+    def close(self):
+        self._closed.set()
+        self.conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class HubSession:
+    """Requests about one model repository of a Hub endpoint: its revision's commit and files, a file's etag and
+    size, a file's bytes into the cache. Failures worth retrying (_Transient) are retried; the others become one
+    line that says what to do."""
+
+    def __init__(self, repo: str, revision: str, endpoint: str, token=None, retries: int = 6, backoff: float = 1.0,
+                 timeout: float = 60.0, log=print):
+        self.repo, self.revision, self.endpoint, self.token = repo, revision, endpoint, token
+        self.retries, self.backoff, self.timeout, self.log = retries, backoff, timeout, log
+
+    def _open(self, method: str, url: str, headers: dict = None, cross_origin: bool = True) -> _Exchange:
+        """An answered request, redirects followed (the token goes only to the endpoint's host). cross_origin False
+        stops at a redirect to another host and returns it: a file's metadata is on the Hub's redirect to storage.
+        429 and 5xx raise _Transient; other errors a DownloadError from _refusal."""
+        for _ in range(10):
+            sent = {"User-Agent": "remask/1", **(headers or {})}
+            if self.token and _origin(url) == _origin(self.endpoint):
+                sent["Authorization"] = f"Bearer {self.token}"
+            exchange = _Exchange(method, url, sent, self.timeout)
+            if exchange.status in (301, 302, 303, 307, 308) and exchange.headers.get("Location"):
+                target = urllib.parse.urljoin(url, exchange.headers["Location"])
+                if not cross_origin and _origin(target) != _origin(url):
+                    return exchange
+                exchange.close()
+                url = target
+                continue
+            if exchange.status < 300:
+                return exchange
+            with exchange:
+                body = exchange.read(4096) if method != "HEAD" else b""
+            if exchange.status == 429 or exchange.status >= 500:
+                wait = exchange.headers.get("Retry-After", "").strip()
+                retry_after = float(wait) if re.fullmatch(r"\d+(\.\d+)?", wait) else None
+                raise _Transient(f"{url}: HTTP {exchange.status}", retry_after)
+            raise self._refusal(exchange, body)
+        raise DownloadError(f"{url}: more than 10 redirects", False)
+
+    def _refusal(self, exchange: _Exchange, body: bytes) -> DownloadError:
+        """The Hub's error codes (X-Error-Code) as one line that says what to do."""
+        code, message = exchange.headers.get("X-Error-Code"), exchange.headers.get("X-Error-Message")
+        if not message:
+            try:
+                message = json.loads(body).get("error")
+            except (ValueError, AttributeError):
+                message = None
+        page = f"{self.endpoint}/{self.repo}"
+        if code == "GatedRepo":
+            yet = "the token sent has no access yet" if self.token else "no token was sent"
+            return DownloadError(f"{self.repo} is a gated model ({yet}): accept its terms at {page} while logged in, "
+                                 f"then set HF_TOKEN to a token of that account (or run `huggingface-cli login`)",
+                                 False)
+        if code == "RepoNotFound" or (exchange.status == 401 and code is None  # as the stock client reads it
+                                      and _origin(exchange.url) == _origin(self.endpoint)):
+            private = "HF_TOKEN is set but cannot read it" if self.token else "set HF_TOKEN to a token that can"
+            return ModelNotFound(f"{self.endpoint} has no model {self.repo} (if it is private, {private})", False)
+        if code == "RevisionNotFound":
+            return DownloadError(f"{self.repo} has no revision {self.revision!r} (a branch, tag or commit; see "
+                                 f"{page}/tree/main)", False)
+        if code == "EntryNotFound":
+            return DownloadError(f"{exchange.url}: the Hub lists this file but has no such file", False)
+        return DownloadError(f"{exchange.url}: HTTP {exchange.status} {message or exchange.answer.reason}", False)
+
+    def _retrying(self, what: str, attempt, retries: int = None):
+        """attempt() until it returns; a _Transient failure is retried up to `retries` (default self.retries)
+        times in a row, after backoff * 2**k seconds or the server's Retry-After."""
+        retries = self.retries if retries is None else retries
+        failures = 0
+        while True:
+            try:
+                return attempt()
+            except _Transient as e:
+                failures = 1 if e.progressed else failures + 1
+                if failures > retries:
+                    raise DownloadError(f"{what}: gave up after {failures} failed attempts ({e})") from None
+                delay = e.retry_after if e.retry_after is not None else self.backoff * 2 ** (failures - 1)
+                self.log(f"  {what}: {e}; retry {failures}/{retries} in {delay:g}s")
+                time.sleep(delay)
+
+    def revision_info(self, retry: bool = True) -> tuple:
+        """(commit, top-level file names) of the revision, from GET /api/models/REPO/revision/REV; retry False
+        gives up at the first failure (a resumable DownloadError then: the Hub could not be reached)."""
+        url = f"{self.endpoint}/api/models/{self.repo}/revision/{urllib.parse.quote(self.revision, safe='')}"
+
+        def attempt():
+            with self._open("GET", url) as exchange:
+                return exchange.read()
+        body = self._retrying(f"{self.repo}@{self.revision}", attempt, None if retry else 0)
+        try:
+            info = json.loads(body)
+            commit, names = info["sha"], [s["rfilename"] for s in info["siblings"]]
+        except (ValueError, KeyError, TypeError) as e:
+            raise DownloadError(f"{url}: not the Hub's model metadata ({type(e).__name__}: {e}); is HF_ENDPOINT "
+                                f"a Hugging Face Hub?", False) from None
+        if not isinstance(commit, str) or not COMMIT_HASH.fullmatch(commit):
+            raise DownloadError(f"{url}: {commit!r} is not a commit hash", False)
+        return commit, [n for n in names if isinstance(n, str) and "/" not in n]
+
+    def resolve_url(self, commit: str, name: str) -> str:
+        return f"{self.endpoint}/{self.repo}/resolve/{commit}/{urllib.parse.quote(name)}"
+
+    def file_info(self, commit: str, name: str) -> tuple:
+        """(etag, size) of a file, from a HEAD of its resolve URL read as the stock client reads it: on the Hub's
+        redirect to storage, if it redirects there."""
+        url = self.resolve_url(commit, name)
+
+        def attempt():
+            with self._open("HEAD", url, {"Accept-Encoding": "identity"}, cross_origin=False) as exchange:
+                return exchange.status, exchange.headers
+        status, headers = self._retrying(f"{self.repo}: {name}", attempt)
+        etag = (headers.get("X-Linked-Etag") or headers.get("ETag") or "").removeprefix("W/").strip('"')
+        size = headers.get("X-Linked-Size") or (None if status >= 300 else headers.get("Content-Length"))
+        if headers.get("X-Repo-Commit") != commit:
+            raise DownloadError(f"{url}: answered for commit {headers.get('X-Repo-Commit')!r}, not {commit}; is "
+                                f"HF_ENDPOINT a Hugging Face Hub?", False)
+        if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}", etag) or etag.endswith(".incomplete"):
+            raise DownloadError(f"{url}: no usable ETag ({etag!r}): a file cannot be cached without one", False)
+        if not (size or "").isdigit():
+            raise DownloadError(f"{url}: no size (X-Linked-Size or Content-Length) for {name}", False)
+        return etag, int(size)
+
+    def place(self, folder: Path, commit: str, names: list):
+        """snapshots/<commit>/<name> for each name, linked to its blob, each blob not cached yet downloaded first.
+        The free disk space is checked against the bytes still to come before the first of them."""
+        snapshot, blobs = folder / "snapshots" / commit, folder / "blobs"
+        todo = [(name, *self.file_info(commit, name)) for name in names if not (snapshot / name).is_file()]
+        fetch = [(name, etag, size) for name, etag, size in todo if not (blobs / etag).is_file()]
+        blobs.mkdir(parents=True, exist_ok=True)
+        need = sum(size - _file_size(blobs / f"{etag}.incomplete") for _, etag, size in fetch)
+        free = shutil.disk_usage(blobs).free
+        if need > free:
+            raise DownloadError(f"{self.repo}: {need / 1e9:.2f} GB still to download but {blobs} has only "
+                                f"{free / 1e9:.2f} GB free (HF_HUB_CACHE moves the cache)", False)
+        if fetch:
+            self.log(f"{self.repo}@{self.revision}: {len(fetch)} files, {need / 1e6:,.1f} MB to download into "
+                     f"{folder}")
+        for name, etag, size in todo:
+            blob = blobs / etag
+            if not blob.is_file():
+                with _exclusive(folder.parent / ".locks" / folder.name / f"{etag}.lock", name, self.log):
+                    if not blob.is_file():  # another process may have placed it while this one waited
+                        part = PartialBlob(blob, etag, size)
+                        url = self.resolve_url(commit, name)
+                        try:
+                            self._retrying(f"{self.repo}: {name}", lambda: self._stream(url, part, name))
+                        except DownloadError as e:
+                            if not part.have:
+                                raise
+                            raise DownloadError(f"{e}; the {part.have:,} bytes that arrived are kept in "
+                                                f"{part.path}: the same command resumes after them") from None
+                        part.place(name)
+            _link(blob, snapshot / name)
+
+    def _stream(self, url: str, part: PartialBlob, name: str):
+        """One GET of the bytes the partial blob still lacks, appended to it. Each attempt starts at the resolve URL,
+        so a retry gets a fresh storage URL (they are signed, and expire). A server that answers the Range request
+        with the whole file (200) starts it over."""
+        if part.have == part.size:
+            return
+        first = window = part.have
+        started = shown = time.monotonic()
+        with self._open("GET", url, {"Accept-Encoding": "identity", **({"Range": f"bytes={part.have}-"}
+                                                                        if part.have else {})}) as exchange:
+            start = re.match(r"bytes (\d+)-", exchange.headers.get("Content-Range", ""))
+            if exchange.status == 206 and (not start or int(start[1]) != part.have):
+                part.restart()
+                raise _Transient(f"{url}: answered another range than bytes={first}-")
+            if exchange.status != 206 and part.have:
+                part.restart()  # the range was not honoured: from the first byte again
+                first = window = 0
+            try:
+                while part.have < part.size:
+                    data = exchange.read(min(CHUNK, part.size - part.have))
+                    if not data:
+                        raise _Transient(f"{url}: the connection closed at byte {part.have} of {part.size}")
+                    part.append(data)
+                    if part.have - window >= DEADLINE_BYTES:
+                        exchange.extend()
+                        window = part.have
+                    now = time.monotonic()
+                    if part.size >= PROGRESS_MIN_BYTES and (now - shown >= PROGRESS_EVERY or part.have == part.size):
+                        shown = now
+                        _show_progress(name, part.have, part.size, (part.have - first) / max(now - started, 1e-9))
+            except _Transient as e:
+                e.progressed = part.have > first
+                raise
+            finally:
+                part.close()
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _content_hash(etag: str, size: int):
+    """The hash the Hub's etag is of a file's bytes: SHA-256 for LFS files, git's blob sha1 for the others (its
+    header included); None for an etag that is neither (a mirror's own): then only the size can be checked."""
+    if re.fullmatch(r"[0-9a-f]{64}", etag):
+        return hashlib.sha256()
+    if re.fullmatch(r"[0-9a-f]{40}", etag):
+        h = hashlib.sha1()
+        h.update(b"blob %d\0" % size)
+        return h
+    return None
+
+
+class PartialBlob:
+    """blobs/<etag>.incomplete: the bytes of a blob received so far, and the running hash of them (what an
+    earlier process left is hashed once, when this one takes over). The file is created with its first byte, so
+    an interrupt leaves no partial file or one holding what arrived."""
+
+    def __init__(self, blob: Path, etag: str, size: int):
+        self.blob, self.path, self.etag, self.size = blob, blob.with_name(f"{blob.name}.incomplete"), etag, size
+        self.file, self.have, self.hash = None, 0, _content_hash(etag, size)
+        if _file_size(self.path) > size:
+            self.path.unlink()  # not a beginning of this blob
+        elif self.path.exists():
+            with open(self.path, "rb") as f:
+                while data := f.read(CHUNK):
+                    self._hash(data)
+                    self.have += len(data)
+
+    def restart(self):
+        self.close()
+        self.path.unlink(missing_ok=True)
+        self.have, self.hash = 0, _content_hash(self.etag, self.size)
+
+    def _hash(self, data: bytes):
+        if self.hash is not None:
+            self.hash.update(data)
+
+    def append(self, data: bytes):
+        if self.file is None:
+            self.file = open(self.path, "ab")
+        self.file.write(data)
+        self._hash(data)
+        self.have += len(data)
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+    def place(self, name: str):
+        """Rename the whole file to blobs/<etag> if its bytes hash to the etag; else remove it and fail, placing
+        nothing."""
+        if self.hash is not None and self.hash.hexdigest() != self.etag:
+            self.path.unlink()
+            raise DownloadError(f"{name}: the downloaded bytes hash to {self.hash.hexdigest()}, not to the Hub's "
+                                f"etag {self.etag}; they were removed and nothing was placed (run the command "
+                                f"again)", False)
+        with open(self.path, "ab") as f:  # "ab": an empty file has no partial file until here
+            os.fsync(f.fileno())  # the bytes are on disk before their name says the blob is whole
+        os.replace(self.path, self.blob)
+
+
+def _show_progress(name: str, have: int, size: int, rate: float):
+    eta = (size - have) / rate if rate > 0 else math.inf
+    left = f"{int(eta // 60)}m{int(eta % 60):02d}s" if math.isfinite(eta) else "?"
+    print(f"  {name}: {have / 1e6:,.1f}/{size / 1e6:,.1f} MB ({100 * have / size:.0f}%), {rate / 1e6:.1f} MB/s, "
+          f"ETA {left}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- chat template (for other tools)
+# What transformers, vLLM and lm-evaluation-harness read to chat with a model as remask does, written into every
+# model directory remask writes (Tokenizer.save, quantize.py): the chat format as a Jinja template, rendered the way
+# transformers renders it (sandboxed, trim_blocks, lstrip_blocks) to exactly chat_prompt's text (tested), and the
+# stop ids of remask's generation. A leading system message is joined to the first user message as
+# system + "\n\n" + user (the format has no system tag); contents are stripped as the readers strip them.
+
+CHAT_TEMPLATE = r"""{#- remask's chat format: <|user|>\n{user}\n<|assistant|>\n{assistant}\n<|user|>\n... -#}
+{%- set system = '' -%}
+{%- set turns = messages -%}
+{%- if messages and messages[0]['role'] == 'system' -%}
+    {%- set system = messages[0]['content'] | trim -%}
+    {%- set turns = messages[1:] -%}
+{%- endif -%}
+{%- for message in turns -%}
+    {%- if message['role'] != ['user', 'assistant'][loop.index0 % 2] -%}
+        {{- raise_exception('roles must alternate user/assistant/user/..., after at most one system message') -}}
+    {%- endif -%}
+    {%- set content = message['content'] | trim -%}
+    {%- if loop.first and system -%}
+        {%- set content = system ~ '\n\n' ~ content -%}
+    {%- endif -%}
+    {{- '<|' ~ message['role'] ~ '|>\n' ~ content ~ '\n' -}}
+{%- endfor -%}
+{%- if turns and turns[-1]['role'] == 'assistant' -%}
+    {{- '<|user|>' -}}
+{%- elif turns and add_generation_prompt -%}
+    {{- '<|assistant|>\n' -}}
+{%- endif -%}
+"""
+
+
+def _json_object(path: Path) -> dict:
+    """The JSON object in path, or {} where there is none (no file, or not an object)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def save_chat_config(directory, tok: Tokenizer):
+    """Write tokenizer_config.json (the template, <|endoftext|> as eos and pad, the tags as special tokens),
+    chat_template.jinja (where transformers 4.47+ reads the template first) and generation_config.json's stop ids
+    (<|endoftext|> and <|user|>, where remask's generation stops) into a model directory. Keys the two JSON files
+    already hold (a copied tokenizer_config.json, the generation_config.json save_pretrained wrote) are kept
+    unless set here."""
+    directory = Path(directory)
+    tokenizer_config = _json_object(directory / "tokenizer_config.json") | {
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS, "pad_token": tok.tk.id_to_token(PAD_ID),
+        "additional_special_tokens": list(TAGS), "clean_up_tokenization_spaces": False, "chat_template": CHAT_TEMPLATE}
+    generation = _json_object(directory / "generation_config.json") | {
+        "eos_token_id": [tok.eos_id, tok.user_id], "pad_token_id": PAD_ID}
+    generation.pop("_from_model_config", None)  # transformers replaces a file so marked by config.json's one eos id
+    atomic_write(directory / "tokenizer_config.json", json.dumps(tokenizer_config, indent=2, ensure_ascii=False))
+    atomic_write(directory / "chat_template.jinja", CHAT_TEMPLATE)
+    atomic_write(directory / "generation_config.json", json.dumps(generation, indent=2))
+
+
 # ----------------------------------------------------------------------------- GSM8K evaluation (lm-eval harness)
 # What EleutherAI lm-evaluation-harness does for `--tasks gsm8k` (yaml metadata version 3.0), minus the model:
 #   prompt   ConfigurableTask.fewshot_context + the default ContextSampler: one
@@ -1438,7 +2083,8 @@ def score_arc(loglikelihoods: list, questions: list) -> dict:
 
 
 # ----------------------------------------------------------------------------- command line
-# `python data.py show ...`, `python data.py check ...` and `python data.py download ...`, behind one error boundary.
+# `python data.py show ...`, `python data.py check ...` and `python data.py download ...` (datasets or a model),
+# behind one error boundary.
 
 def _show(args):
     if args.spec == "embedded":
@@ -1500,6 +2146,10 @@ def _flag_problem(args):
         checks = [("--seq-len", args.seq_len >= 1, "must be >= 1"),
                   ("--seed", 0 <= args.seed < 2 ** 32, "must be in [0, 2**32)")]
     else:
+        if "/" in args.name and parse_model_id(args.name) is None:
+            return f"{args.name}: not a Hub model id (ORG/NAME or ORG/NAME@REVISION)"
+        if "/" not in args.name and args.name not in (*DATASETS, *DATASET_GROUPS, "all"):
+            return f"{args.name}: no such dataset (choose from {', '.join(DATASETS)}, arc, all) nor a model ORG/NAME"
         url = urllib.parse.urlparse(args.endpoint)
         out_problem = _out_dir_problem(args.out)
         checks = [("--retries", args.retries >= 0, "must be >= 0"),
@@ -1516,7 +2166,8 @@ def _fail(message: str, code: int):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="remask data: inspect and check training data, download datasets")
+    parser = argparse.ArgumentParser(description="remask data: inspect and check training data, download datasets "
+                                                 "and models")
     sub = parser.add_subparsers(dest="command", required=True)
     show = sub.add_parser("show", help="print examples as the model is trained on them, labels and masks marked")
     show.add_argument("spec", help="a data file, a mixture spec (a.jsonl,b.jsonl:1000), or 'embedded'")
@@ -1541,15 +2192,20 @@ def main(argv=None):
     check.add_argument("--truncate", action="store_true", help="cut long examples instead of dropping them")
     check.add_argument("--skip-bad", action="store_true", help="as training would skip (and count) bad rows")
     check.add_argument("--seed", type=int, default=0, help="the seed that draws a spec's ':N' rows")
-    get = sub.add_parser("download", help="fetch datasets through the Hugging Face dataset viewer API")
-    get.add_argument("name", choices=[*DATASETS, *DATASET_GROUPS, "all"], help="arc: arc-challenge and arc-easy")
-    get.add_argument("--out", default="data", help="output directory, made if missing (files: NAME.jsonl, "
+    get = sub.add_parser("download", help="fetch datasets through the Hugging Face dataset viewer API, or a model "
+                         "from the Hub into the Hugging Face cache")
+    get.add_argument("name", metavar="NAME", help=f"a dataset ({', '.join(DATASETS)}; arc: both ARC sets; all), or "
+                     "a model ORG/NAME[@REVISION] from the Hugging Face Hub: into $HF_HUB_CACHE (else $HF_HOME/hub, "
+                     "else ~/.cache/huggingface/hub), where transformers finds it too; $HF_ENDPOINT, $HF_TOKEN and "
+                     "HF_HUB_OFFLINE=1 are honoured; prints the model's directory last")
+    get.add_argument("--out", default="data", help="datasets: output directory, made if missing (files: NAME.jsonl, "
                      "gsm8k-{train,test}.jsonl, ARC-{Challenge,Easy}-{train,validation,test}.jsonl)")
-    get.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help="dataset viewer base URL")
+    get.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help="datasets: dataset viewer base URL")
     get.add_argument("--retries", type=int, default=6, help="retries per request (exponential back-off)")
     get.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds, doubled each time")
-    get.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
-    get.add_argument("--force", action="store_true", help="fetch again even if the file exists")
+    get.add_argument("--timeout", type=float, default=60.0, help="seconds per request (a model file's body: per "
+                     "64 KiB of it, so a stalled or trickling server is retried)")
+    get.add_argument("--force", action="store_true", help="datasets: fetch again even if the file exists")
     args = parser.parse_args(argv)
     # one error boundary: bad flags exit 2 (as argparse's own errors), failures of the work exit 1
     try:
@@ -1560,6 +2216,9 @@ def main(argv=None):
             _show(args)
         elif args.command == "check":
             _check(args)
+        elif "/" in args.name:
+            print(download_model(*parse_model_id(args.name), retries=args.retries, backoff=args.backoff,
+                                 timeout=args.timeout))
         else:
             download(args.name, args.out, args.endpoint, args.retries, args.backoff, args.timeout, args.force)
     except KeyboardInterrupt:

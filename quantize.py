@@ -206,16 +206,25 @@ def _dir_bytes(directory):
 
 def _copy_tokenizer(src):
     """save_pretrained's extra: IN's tokenizer files, copied into the new directory before it takes OUT's place (the
-    copy is a whole model: generate and eval need its tokenizer, and OUT is never without it)."""
+    copy is a whole model: generate and eval need its tokenizer, and OUT is never without it), with the chat template
+    and stop ids every model directory remask writes carries (data.save_chat_config). IN's tokenizer is read here,
+    before any weight, so a broken one fails first."""
+    from data import load_tokenizer, save_chat_config
+    tok = load_tokenizer(src) if (Path(src) / "tokenizer.json").is_file() else None
+
     def copy(directory):
         for name in TOKENIZER_FILES:
             if (Path(src) / name).is_file():
                 shutil.copy2(Path(src) / name, directory / name)
+        if tok is not None:
+            save_chat_config(directory, tok)
     return copy
 
 
 def _check_args(args):
-    """Every flag and both paths, before any weight is read."""
+    """Every flag and both paths, before any weight is read. Once the flags pass, an IN that names a Hub model
+    becomes its directory in the Hugging Face cache (downloaded if missing: data.resolve_model)."""
+    from data import resolve_model
     from model import Config, StableLM, check_replaceable
     if args.prompts < 1:
         raise ValueError(f"--prompts {args.prompts}: need at least 1 prompt for the logit comparison")
@@ -223,6 +232,7 @@ def _check_args(args):
         raise ValueError(f"--prompt-len {args.prompt_len}: need at least 1 token per prompt")
     if not math.isfinite(args.threshold) or args.threshold < 0:
         raise ValueError(f"--threshold {args.threshold}: need a finite number >= 0 (0 = no decomposition)")
+    args.in_dir = str(resolve_model(args.in_dir))
     src, out = Path(args.in_dir), Path(args.out_dir)
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: no such directory (IN is a Hugging Face model directory)")
@@ -257,7 +267,8 @@ def main(argv=None):
                "a model directory's files (config.json, *.safetensors, model.safetensors.index.json, "
                "generation_config.json, tokenizer files); anything else, and OUT equal to IN or holding it, "
                "is refused before any work.")
-    parser.add_argument("in_dir", metavar="IN", help="Hugging Face style StableLM checkpoint directory")
+    parser.add_argument("in_dir", metavar="IN", help="Hugging Face style StableLM checkpoint directory, or a model on "
+                        "the Hub as ORG/NAME[@REVISION] (downloaded into the Hugging Face cache if missing)")
     parser.add_argument("out_dir", metavar="OUT", help="where to write the copy (see below for an existing OUT)")
     parser.add_argument("--dequantize", action="store_true",
                         help="IN is 8-bit: write a float copy (in the dtype of its other float tensors), e.g. to "
@@ -268,9 +279,10 @@ def main(argv=None):
     parser.add_argument("--prompts", type=int, default=4, help="random prompts for the logit comparison")
     parser.add_argument("--prompt-len", type=int, default=32, help="tokens per prompt")
     args = parser.parse_args(argv)
+    from data import DownloadError
     try:
         convert(args)
-    except (ValueError, OSError) as e:  # OSError includes FileNotFoundError and FileExistsError
+    except (ValueError, OSError, DownloadError) as e:  # OSError includes FileNotFoundError and FileExistsError
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
@@ -285,6 +297,7 @@ def convert(args):
 
     _check_args(args)
     t0 = time.time()
+    extra = _copy_tokenizer(args.in_dir)
     model = StableLM.from_pretrained(args.in_dir).eval()
     before = _tensor_bytes(model)
     vocab = model.config.vocab_size
@@ -298,7 +311,7 @@ def convert(args):
             quantize_model(model, args.threshold, tuple(args.skip))
         got = model(ids).float()  # (P, T, V)
     after = _tensor_bytes(model)
-    model.save_pretrained(args.out_dir, extra=_copy_tokenizer(args.in_dir))
+    model.save_pretrained(args.out_dir, extra=extra)
     with torch.no_grad():
         reloaded = StableLM.from_pretrained(args.out_dir).eval()(ids).float()
     if not torch.equal(reloaded, got):

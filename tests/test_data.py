@@ -81,7 +81,8 @@ def test_random_replacement_pool_excludes_special_tokens(neox, small):
 
 def test_save_reload_round_trip(neox, tmp_path):
     path = neox.save(tmp_path / "model")
-    assert [p.name for p in path.parent.iterdir()] == ["tokenizer.json"]  # no temporary left behind
+    assert sorted(p.name for p in path.parent.iterdir()) == [  # the chat files beside it, no temporary left behind
+        "chat_template.jinja", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
     again = data.load_tokenizer(tmp_path / "model")
     assert again.added_tags == [] and len(again) == len(neox) and again.mask_id == neox.mask_id
     text = data.format_record(data.CoTRecord("What is 2+2?", "2+2=4", "4"))
