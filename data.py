@@ -1262,6 +1262,8 @@ def resolve_model(spec: str, log=print) -> Path:
     if path.exists():
         raise DataError(f"{spec}: a file, not a model directory")
     hub_id = parse_model_id(spec)
+    if hub_id is None and (path.is_absolute() or spec.startswith((".", "~")) or spec.count("/") > 1):
+        raise DataError(f"{spec}: no such directory")  # spelled as a path, not as a Hub id
     if hub_id is None:
         raise DataError(f"{spec}: neither a directory nor a Hugging Face Hub model id (org/name or "
                         f"org/name@revision)")

@@ -723,8 +723,8 @@ def update_owner(path, record):
 
 
 def check_replaceable(path, kind="model"):
-    """Raise unless writing `path` would replace nothing but a `kind` directory remask made: `path` absent, or a
-    directory holding remask's owner record of that kind (a link is followed: what it points at must be so)."""
+    """Raise unless writing `path` would replace nothing but a `kind` directory remask made: `path` absent, an
+    empty directory, or one holding remask's owner record of that kind (a link is followed: its target must be so)."""
     path = Path(path)
     if not path.exists():
         if path.is_symlink():
@@ -732,10 +732,12 @@ def check_replaceable(path, kind="model"):
         return
     if not path.is_dir():
         raise FileExistsError(f"{path}: exists and is not a directory")
+    if not any(path.iterdir()):
+        return  # an empty directory: replacing it loses nothing
     record = owner(path)
     if record is None or record["remask"] != kind:
         entries = sorted(p.name + "/" * p.is_dir() for p in path.iterdir())
-        listing = ", ".join(entries[:6]) + (f", ... ({len(entries)} entries)" if len(entries) > 6 else "") or "nothing"
+        listing = ", ".join(entries[:6]) + (f", ... ({len(entries)} entries)" if len(entries) > 6 else "")
         made = "was not made by remask" if record is None else f"is remask's {record['remask']} directory"
         raise DirectoryNotReplaceable(f"{path}: exists, holds {listing} and {made} (no {kind} owner record "
                                       f"{OWNER}), so it is left alone: choose another path, or remove it yourself")
@@ -841,7 +843,7 @@ def recover_directory(path):
                 survivor = max(complete, key=lambda p: (found[p] == "new", p.stat().st_mtime))
                 _rename(survivor, path)
                 _fsync(path.parent)
-                del found[survivor]
+                found = leftovers(path)  # the directory it displaced is proven by the token now at `path`
         for p in found:
             _delete(p)
     finally:

@@ -225,7 +225,7 @@ def _check_args(args):
     """Every flag and both paths, before any weight is read. Once the flags pass, an IN that names a Hub model
     becomes its directory in the Hugging Face cache (downloaded if missing: data.resolve_model)."""
     from data import resolve_model
-    from model import Config, StableLM, check_replaceable
+    from model import Config, StableLM, check_apart, check_replaceable
     if args.prompts < 1:
         raise ValueError(f"--prompts {args.prompts}: need at least 1 prompt for the logit comparison")
     if args.prompt_len < 1:
@@ -236,9 +236,7 @@ def _check_args(args):
     src, out = Path(args.in_dir), Path(args.out_dir)
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: no such directory (IN is a Hugging Face model directory)")
-    if src.resolve().is_relative_to(out.resolve()):
-        what = "is IN" if src.resolve() == out.resolve() else f"holds IN ({src})"
-        raise ValueError(f"{out}: OUT {what}; writing it would replace the input (choose another OUT)")
+    check_apart({"OUT": out}, {"IN": src})
     check_replaceable(out)
     config = Config.from_json(src / "config.json")
     is_8bit = config.quantization_config is not None
@@ -263,10 +261,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Write an LLM.int8 (bitsandbytes 8-bit layout) copy of a checkpoint, or with --dequantize a "
                     "float copy of an 8-bit one, and compare the two models' logits on random prompts.",
-        epilog="An existing OUT is replaced (whole, never half-written) only when it is empty or holds nothing but "
-               "a model directory's files (config.json, *.safetensors, model.safetensors.index.json, "
-               "generation_config.json, tokenizer files); anything else, and OUT equal to IN or holding it, "
-               "is refused before any work.")
+        epilog="An existing OUT is replaced (whole, never half-written) only when it is empty or a model directory "
+               "remask wrote (its .remask-owner.json says so); anything else, and an OUT that is, holds or lies "
+               "inside IN (links and spellings resolved), is refused before any work.")
     parser.add_argument("in_dir", metavar="IN", help="Hugging Face style StableLM checkpoint directory, or a model on "
                         "the Hub as ORG/NAME[@REVISION] (downloaded into the Hugging Face cache if missing)")
     parser.add_argument("out_dir", metavar="OUT", help="where to write the copy (see below for an existing OUT)")

@@ -13,7 +13,7 @@ import pytest
 
 import data
 from conftest import FIXTURES
-from model import StableLM, is_model_directory
+from model import StableLM, owner
 
 jinja2 = pytest.importorskip("jinja2")  # a test-only import: remask itself never renders the template
 from jinja2.sandbox import ImmutableSandboxedEnvironment  # noqa: E402
@@ -93,9 +93,10 @@ def test_model_directories_carry_the_chat_files(tmp_path):
     tok = data.embedded_tokenizer()
     StableLM.from_pretrained(TINY).save_pretrained(tmp_path / "m", extra=tok.save)
     m = tmp_path / "m"
-    assert sorted(p.name for p in m.iterdir()) == ["chat_template.jinja", "config.json", "generation_config.json",
-                                                   "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
-    assert is_model_directory(m)
+    assert sorted(p.name for p in m.iterdir()) == [".remask-owner.json", "chat_template.jinja", "config.json",
+                                                   "generation_config.json", "model.safetensors", "tokenizer.json",
+                                                   "tokenizer_config.json"]
+    assert owner(m)["remask"] == "model"
     config = json.loads((m / "tokenizer_config.json").read_text())
     assert config["chat_template"] == (m / "chat_template.jinja").read_text() == data.CHAT_TEMPLATE
     assert config["tokenizer_class"] == "PreTrainedTokenizerFast" and config["eos_token"] == "<|endoftext|>"

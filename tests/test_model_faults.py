@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 
 import model as M
 import quantize
-from conftest import STABLELM_TINY, STABLELM_TINY_INT8, assert_same_weights, run_cli
-from model import StableLM, is_model_directory, recover_directory, write_directory
+from conftest import NEOX_DIR, STABLELM_TINY, STABLELM_TINY_INT8, assert_same_weights, run_cli
+from model import StableLM, check_replaceable, make_owned, owner, recover_directory, write_directory
 
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors")
 
@@ -33,7 +33,7 @@ def tree(directory):
 
 
 def assert_loads_as(directory, src):
-    """Loading directory (which repairs what a killed write left) gives the weights of the model directory src."""
+    """Loading directory gives the weights of the model directory src."""
     assert_same_weights(StableLM.from_pretrained(directory).state_dict(), StableLM.from_pretrained(src).state_dict())
 
 # ----------------------------------------------------------------------------- kill -9 at each stage of a write
@@ -65,9 +65,9 @@ STAGES = {
     "during fill": (dict(fill=half_fill), True, "old"),
     "after fill, before marking complete": (dict(rename=1), True, "old"),
     "complete, before the exchange": (dict(_exchange=1), True, "old"),
-    "after the exchange, before cleanup": (dict(rmtree=1), True, "new"),
+    "after the exchange, before cleanup": (dict(delete=1), True, "new"),
     "fallback: between the two renames": (dict(rename=3), False, None),
-    "fallback: after the renames, before cleanup": (dict(rmtree=1), False, "new"),
+    "fallback: after the renames, before cleanup": (dict(delete=1), False, "new"),
 }
 
 
@@ -82,9 +82,9 @@ def killed_write(dest, patches, exchange):
             if "_exchange" in patches:
                 M._exchange = dying_on_call(M._exchange, patches["_exchange"])
             if "rename" in patches:
-                M.os.rename = dying_on_call(os.rename, patches["rename"])
-            if "rmtree" in patches:
-                M.shutil.rmtree = dying_on_call(shutil.rmtree, patches["rmtree"])
+                M._rename = dying_on_call(M._rename, patches["rename"])
+            if "delete" in patches:
+                M._delete = dying_on_call(M._delete, patches["delete"])
             write_directory(dest, fill)
         finally:
             os._exit(1)  # never reached: every stage kills the child
@@ -92,39 +92,48 @@ def killed_write(dest, patches, exchange):
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
 
 
+def remask_model(directory, src=STABLELM_TINY):
+    """A model directory remask wrote (its owner record says so): what a later write may replace."""
+    write_directory(directory, lambda d: copy_model(src, d))
+
+
 @pytest.mark.parametrize("then", ["load", "write"])
 @pytest.mark.parametrize("stage", STAGES)
 def test_kill_leaves_the_old_or_the_new_directory(stage, then, tmp_path):
     patches, exchange, held = STAGES[stage]
     dest = tmp_path / "model"
-    dest.mkdir()
-    copy_model(STABLELM_TINY, dest)
+    remask_model(dest)
     killed_write(dest, patches, exchange)
-    assert leftovers(tmp_path)  # the kill left something behind to repair or remove
-    if held is None:  # two renames: nothing at dest for an instant, and the complete new directory beside it
-        assert not dest.exists()
-        held = "new"
-    else:
-        held_dir = STABLELM_TINY if held == "old" else STABLELM_TINY_INT8
-        assert (dest / "config.json").read_bytes() == (held_dir / "config.json").read_bytes()
-    if then == "load":  # loading repairs (puts the complete new directory back) and removes the leftovers
-        assert_loads_as(dest, STABLELM_TINY if held == "old" else STABLELM_TINY_INT8)
-    else:  # the next write does the same before it writes
+    left = leftovers(tmp_path)
+    assert left  # the kill left something behind to repair or remove
+    if held is not None:
+        assert (dest / "config.json").read_bytes() == (
+            (STABLELM_TINY if held == "old" else STABLELM_TINY_INT8) / "config.json").read_bytes()
+    if then == "load":  # reading changes nothing: the leftovers stay for the next write, a missing dest says why
+        if held is None:  # two renames: nothing at dest for an instant, the complete new directory beside it
+            with pytest.raises(FileNotFoundError, match="a killed write left .model.new-"):
+                StableLM.from_pretrained(dest)
+        else:
+            assert_loads_as(dest, STABLELM_TINY if held == "old" else STABLELM_TINY_INT8)
+        assert leftovers(tmp_path) == left
+    else:  # the next write puts things right (proven leftovers only), then writes
         write_directory(dest, lambda directory: copy_model(STABLELM_TINY, directory))
         assert_loads_as(dest, STABLELM_TINY)
-    assert leftovers(tmp_path) == []
+        assert leftovers(tmp_path) == []
 
 
 def test_kill_of_a_first_write_before_its_rename(tmp_path):
     killed_write(tmp_path / "model", dict(rename=2), exchange=True)  # complete, not yet at its place
     assert not (tmp_path / "model").exists() and leftovers(tmp_path)
+    recover_directory(tmp_path / "model")  # what the next write does first
     assert_loads_as(tmp_path / "model", STABLELM_TINY_INT8)
     assert leftovers(tmp_path) == []
 
 
 def test_recovery_leaves_a_live_writer_alone(tmp_path):
-    busy = tmp_path / ".model.tmp-busy"
-    busy.mkdir()
+    busy = tmp_path / ".model.tmp-0123456789abcdef"
+    make_owned(busy, "model")
+    M.update_owner(busy, {**owner(busy), "token": "0123456789abcdef"})
     lock = M._lock(busy, blocking=True)  # what a writer in another process holds
     try:
         recover_directory(tmp_path / "model")
@@ -134,26 +143,55 @@ def test_recovery_leaves_a_live_writer_alone(tmp_path):
     recover_directory(tmp_path / "model")
     assert not busy.exists()
 
+
+@pytest.mark.parametrize("name, proof", [
+    (".model.new-0123456789abcdef", "none"),  # named like a leftover, holds no owner record
+    (".model.old-0123456789abcdef", "other token"),  # an owner record whose token is not in its name
+    (".model.tmp-killed", "own token"),  # not a token remask makes
+    (".model.old-notes", "none"),
+])
+def test_what_only_looks_like_a_leftover_is_never_touched(name, proof, tmp_path):
+    """A sibling named like a leftover but without remask's proof: neither loading nor writing the model touches it."""
+    remask_model(tmp_path / "model")
+    look_alike = tmp_path / name
+    look_alike.mkdir()
+    (look_alike / "notes.txt").write_text("mine")
+    if proof != "none":
+        token = name.rpartition("-")[2] if proof == "own token" else "fedcba9876543210"
+        (look_alike / M.OWNER).write_text(f'{{"remask": "model", "token": "{token}"}}')
+    before = tree(tmp_path / name)
+    StableLM.from_pretrained(tmp_path / "model")
+    write_directory(tmp_path / "model", lambda d: copy_model(STABLELM_TINY_INT8, d))
+    assert tree(tmp_path / name) == before
+
 # ----------------------------------------------------------------------------- what a writer may replace
 
 
-@pytest.mark.parametrize("names, expected", [
-    ([], True),
-    (["config.json", "model.safetensors", "tokenizer.json", "generation_config.json"], True),
-    (["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
-      "tokenizer_config.json", "special_tokens_map.json"], True),
-    (["config.json", "model.safetensors", "notes.txt"], False),
-    (["config.json", "train.log", "checkpoints/"], False),
-    (["config.json", "model.safetensors", "sub/"], False),
-    ([".DS_Store"], False),
+@pytest.mark.parametrize("setup, replaceable", [
+    ("absent", True), ("empty", True), ("remask model", True), ("remask checkpoint", False),
+    ("model files, no owner record", False), ("owner record of another token only", True), ("unreadable record", False),
 ])
-def test_is_model_directory(names, expected, tmp_path):
-    for name in names:
-        if name.endswith("/"):
-            (tmp_path / name).mkdir()
-        else:
-            (tmp_path / name).write_text("x")
-    assert is_model_directory(tmp_path) is expected
+def test_only_what_remask_wrote_is_replaceable(setup, replaceable, tmp_path):
+    path = tmp_path / "out"
+    if setup == "empty":
+        path.mkdir()
+    elif setup.startswith("remask"):
+        make_owned(path, setup.split()[1])
+        copy_model(STABLELM_TINY, path)
+    elif setup == "model files, no owner record":
+        path.mkdir()
+        copy_model(STABLELM_TINY, path)
+    elif setup == "owner record of another token only":
+        path.mkdir()
+        (path / M.OWNER).write_text('{"remask": "model", "token": "abc"}')  # the token proves only the leftovers
+    elif setup == "unreadable record":
+        path.mkdir()
+        (path / M.OWNER).write_text('{"remask": "model", "tok')
+    if replaceable:
+        check_replaceable(path, "model")
+    else:
+        with pytest.raises(FileExistsError, match=f"{path}: exists, holds .* left alone"):
+            check_replaceable(path, "model")
 
 
 @pytest.mark.parametrize("kind", ["unrelated files", "run directory", "file"])
@@ -170,15 +208,15 @@ def test_save_pretrained_refuses_what_it_did_not_write(kind, tmp_path):
             (dest / "config.json").write_text("{}")
     before = tree(tmp_path)
     model = StableLM.from_pretrained(STABLELM_TINY)
-    what = "is not a directory" if kind == "file" else "holds .*notes.txt"
-    with pytest.raises(FileExistsError, match=f"{dest}: exists and {what}"):
+    what = "exists and is not a directory" if kind == "file" else "exists, holds .*notes.txt"
+    with pytest.raises(FileExistsError, match=f"{dest}: {what}"):
         model.save_pretrained(dest)
     assert tree(tmp_path) == before
 
 
 def test_save_pretrained_replaces_a_model_directory_through_a_link_with_umask_modes(tmp_path):
     real = tmp_path / "disk" / "model"
-    real.mkdir(parents=True)
+    make_owned(real, "model")  # a model directory remask wrote
     copy_model(STABLELM_TINY_INT8, real)
     (real / "tokenizer.json").write_text("{}")
     (tmp_path / "model").symlink_to(real)
@@ -239,7 +277,7 @@ def test_load_refuses_weights_that_overflow_the_requested_dtype(tmp_path):
 def workspace(tmp_path):
     """src: a whole float model directory (with a tokenizer); notes: a directory of unrelated files."""
     shutil.copytree(STABLELM_TINY, tmp_path / "src")
-    (tmp_path / "src" / "tokenizer.json").write_text('{"model": "mine"}')
+    shutil.copy2(NEOX_DIR / "tokenizer.json", tmp_path / "src" / "tokenizer.json")
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("mine")
     (tmp_path / "notes" / "results").mkdir()
@@ -270,9 +308,9 @@ BAD_INPUTS = [
     (["{w}/src", "{w}/out", "--threshold", "inf"], None, "--threshold inf"),
     (["{w}/src", "{w}/out", "--threshold", "nan"], None, "--threshold nan"),
     (["{w}/src", "{w}/out", "--skip", "lm_head", "mlp.gate"], None, "--skip mlp.gate: no such linear layer"),
-    (["{w}/src", "{w}/src"], None, "src: OUT is IN"),
-    (["{w}/src", "{w}"], None, "OUT holds IN"),
-    (["{w}/src", "{w}/notes"], None, "notes: exists and holds results/, todo.txt"),
+    (["{w}/src", "{w}/src"], None, "src) is IN ("),
+    (["{w}/src", "{w}"], None, ") contains IN ("),
+    (["{w}/src", "{w}/notes"], None, "notes: exists, holds results/, todo.txt and was not made by remask"),
     (["{w}/src", "{w}/a-file"], None, "a-file: exists and is not a directory"),
     (["{w}/src", "{w}/out", "--dequantize"], None, "--dequantize needs an 8-bit checkpoint"),
 ]
@@ -297,6 +335,7 @@ def test_quantize_refuses_an_8bit_input_and_ctrl_c_exits_130(workspace, capsys, 
     output = out + err
     assert code == 1 and "already an 8-bit checkpoint" in output and "--dequantize" in output
     shutil.copytree(STABLELM_TINY_INT8, workspace / "out")
+    make_owned(workspace / "out", "model")  # a model directory remask wrote: replaceable
     before = tree(workspace)
 
     def interrupted(*args, **kwargs):
@@ -313,4 +352,5 @@ def test_quantize_help_says_what_happens_to_an_existing_out(capsys):
     code, out, err = run_cli(quantize.main, ["--help"], capsys)
     output = out + err
     assert code == 0 and "--dequantize" in output
-    assert "An existing OUT is replaced" in output and "anything else" in output and "refused" in output
+    text = " ".join(output.split())  # argparse wraps the epilog anywhere
+    assert "An existing OUT is replaced" in text and "a model directory remask wrote" in text and "refused" in text
