@@ -15,8 +15,9 @@ help:
 	@echo "make data                      download the recipe's datasets and GSM8K into data/"
 	@echo "make quantize MODEL=DIR OUT=DIR  LLM.int8 8-bit copy of a checkpoint"
 	@echo "make eval MODEL=DIR [DATA=data]  the card's table: GSM8K 5-shot strict-match, ARC-Challenge 25-shot acc_norm"
-	@echo "make compare [ARGS='--seeds N']  SFT vs Masked Thought vs ReMask on the embedded task: 6 epochs over 1408"
-	@echo "                               examples, 5 seeds, paired 95% intervals, curves.svg (26 min on 2 cores)"
+	@echo "make compare [ARGS='--seeds N']  SFT vs Masked Thought vs ReMask on the embedded task: 6 epochs over 2048"
+	@echo "                               examples, 8 seeds, paired 95% intervals and sign tests, curves.svg (about an"
+	@echo "                               hour on 2 cores); --seeds 20-39: a part; remask.py compare-report pools parts"
 
 .venv/installed: requirements.txt
 	python3 -m venv .venv
