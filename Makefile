@@ -16,8 +16,9 @@ help:
 	@echo "make model MODEL=org/name[@rev]  download a model from the Hugging Face Hub into its cache (prints its path)"
 	@echo "make quantize MODEL=DIR OUT=DIR  LLM.int8 8-bit copy of a checkpoint (MODEL may be org/name on the Hub)"
 	@echo "make eval MODEL=DIR [DATA=data]  the card's table: GSM8K 5-shot strict-match, ARC-Challenge 25-shot acc_norm"
-	@echo "make compare [ARGS='--seeds N']  SFT vs Masked Thought vs ReMask on the embedded task: 6 epochs over 1408"
-	@echo "                               examples, 5 seeds, paired 95% intervals, curves.svg (26 min on 2 cores)"
+	@echo "make compare [ARGS='--seeds N']  SFT vs Masked Thought vs ReMask on the embedded task: 6 epochs over 2048"
+	@echo "                               examples, 8 seeds, paired 95% intervals and sign tests, curves.svg (about an"
+	@echo "                               hour on 2 cores); --seeds 20-39: a part; remask.py compare-report pools parts"
 
 .venv/installed: requirements.txt
 	python3 -m venv .venv

@@ -52,6 +52,7 @@ import json
 import math
 import multiprocessing
 import os
+import platform
 import random
 import re
 import resource
@@ -2044,17 +2045,94 @@ def finish(run, log):
 
 # ----------------------------------------------------------------------------- compare: the card's table at small scale
 MODE_NAMES = {"sft": "SFT", "masked-thought": "Masked Thought", "remask": "ReMask"}
-# The embedded comparison's preset: the card's regime at small scale, a fixed training set seen for the card's 6
-# epochs, the same data order, masks, weights and schedule for every mode of a seed; 500 held-out problems, so an
-# accuracy's binomial standard error stays <= 2.2 points. The size comes from the budget alone: the first choice,
-# 2048 examples (384 steps), took 35m49s on a 2-core CPU against the 30 minutes the default must fit; its timings
-# (per seed, 135 s of evaluation and start-up plus 1.84 s per optimizer step over the three modes, two runs at a
-# time, 42 s for the pool) give 44 batches of 32 (1408 examples, 264 steps) as the largest set that fits 27 minutes,
-# 10% under the budget. The one-epoch contrast sees as many examples, all fresh: --epochs 1 --n-train 8448 (the
-# same 264 steps).
-# One thread: the float sums, and so the table, are the same on any machine (a 0.9M model gains little from two).
-COMPARE = dict(DEMO, out="runs/compare", n_train=1408, epochs=6, n_eval=500, log_every=64, save_every=0, threads=1)
+# The embedded comparison's preset: the card's regime at small scale, a fixed training set of 2048 examples seen for
+# the card's 6 epochs (384 steps of 32), the same data order, masks, weights and schedule for every mode of a seed;
+# 500 held-out problems, so an accuracy's binomial standard error stays <= 2.2 points. The size was fixed before any
+# result, and the models learn there (13-51% exact match; 1408 examples, 264 steps, left every run <= 7%). The
+# one-epoch contrast sees as many examples, all fresh: --epochs 1 --n-train 12288 (the same 384 steps).
+# One thread: a 0.9M model gains little from two, and a run then sums its floats in one order, so the table is the
+# same for any --jobs on one machine (the same CPU kind and torch build: float kernels differ across CPUs).
+COMPARE = dict(DEMO, out="runs/compare", n_train=2048, epochs=6, n_eval=500, log_every=64, save_every=0, threads=1)
+# What a run of COMPARE costs, measured on a 2-core AMD EPYC, two runs at a time on one thread each, evaluations
+# included (minutes; measured ReMask 6.1-6.8, SFT and Masked Thought 3.5-4.1): 10.3 core-minutes per seed for SFT +
+# ReMask, 14.1 with Masked Thought. Runs are independent, so --jobs divides the total; other protocols scale by steps.
+RUN_MINUTES = {"remask": 6.5, "masked-thought": 3.8, "sft": 3.8}
+RUN_MINUTES_STEPS = 384
+# `make compare`'s seeds: what fits about an hour on 2 cores, 8 seeds x 14.1 core-minutes / 2 jobs = 56 minutes
+# (9 would be 63).
+COMPARE_SEEDS = 8
 CHOICES = 4  # multiple choice as ARC: the right worked solution and 3 distractors
+POWER = 0.8  # the power at which the smallest detectable difference is quoted
+
+
+def parse_seeds(text: str) -> list:
+    """--seeds: a count N (seeds 0..N-1), or seeds and inclusive ranges A-B separated by commas ("20-39",
+    "0-4,10"; one seed alone: "7-7", since "7" is a count)."""
+    if text.strip().isdigit():
+        if int(text) < 1:
+            raise ValueError(f"--seeds {text}: a count of seeds must be at least 1")
+        return list(range(int(text)))
+    seeds = []
+    for item in text.split(","):
+        bounds = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", item)
+        if not bounds:
+            raise ValueError(f"--seeds {text!r}: {item!r} is not a seed or a range A-B (expected a count N, a range "
+                             f"A-B or a comma list such as 0-4,10)")
+        low, high = int(bounds[1]), int(bounds[2] or bounds[1])
+        if high < low:
+            raise ValueError(f"--seeds {text!r}: the range {item.strip()} runs backwards")
+        seeds += range(low, high + 1)
+    return seeds
+
+
+def seed_ranges(seeds) -> str:
+    """Sorted seeds as --seeds reads them back: [0, 1, 2, 3, 4, 10] -> "0-4,10", [7] -> "7-7"."""
+    runs = []  # [first, last] of each run of consecutive seeds
+    for seed in sorted(seeds):
+        if runs and seed == runs[-1][1] + 1:
+            runs[-1][1] = seed
+        else:
+            runs.append([seed, seed])
+    text = ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+    return f"{text}-{text}" if text.isdigit() else text  # "7" alone would be a count
+
+
+def estimate_minutes(cfg: TrainConfig, runs: int, modes, jobs: int) -> float:
+    """Wall minutes that `runs` runs (the modes in equal shares) of the embedded task should take, `jobs` at a
+    time (at most one per core): RUN_MINUTES scaled by the optimizer steps, never less than one run."""
+    steps = cfg.max_steps or math.ceil(cfg.n_train / cfg.global_batch) * cfg.epochs
+    per_run = [RUN_MINUTES[mode] * steps / RUN_MINUTES_STEPS for mode in modes]
+    return max(sum(per_run) * runs / len(modes) / min(jobs, os.cpu_count() or 1), max(per_run))
+
+
+def machine(device: torch.device) -> dict:
+    """What a run's floats depend on besides its seed: the CPU model (or the GPU), torch's version, the float
+    backends torch reports (MKL, oneDNN alias MKL-DNN, the vector instructions its kernels use) and its threads."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux
+        cpuinfo = ""
+    names = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
+    build = torch.__config__.show()
+    mkl = re.search(r"Math Kernel Library Version ([\d.]+)", build)
+    mkldnn = re.search(r"(?:MKL-DNN|oneDNN) (v[\d.]+)", build)
+    return {"cpu": names[0].strip() if names else platform.processor() or "not reported",
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+            "torch": torch.__version__,
+            "mkl_available": torch.backends.mkl.is_available(), "mkl_version": mkl[1] if mkl else None,
+            "mkldnn_available": torch.backends.mkldnn.is_available(), "mkldnn_version": mkldnn[1] if mkldnn else None,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
+
+
+def describe_machine(m: dict) -> str:
+    """A machine record in the words of the report."""
+    if m["cpu"] == "unknown":  # read_results' record of a run that has none
+        return f"a machine not recorded (its results.json predates machine records; torch {m['torch']})"
+    mkl = m["mkl_version"] if m["mkl_available"] else "none"
+    mkldnn = m["mkldnn_version"] if m["mkldnn_available"] else "none"
+    device = "" if m["device"] == "CPU" else f"{m['device']} on "
+    return (f"{device}{m['cpu']} ({m['cpu_capability']}), torch {m['torch']}, MKL {mkl}, oneDNN {mkldnn}, "
+            f"{m['threads']} thread{'s' * (m['threads'] != 1)}")
 
 
 def mean_std(values) -> tuple:
@@ -2092,16 +2170,26 @@ def t_quantile(p: float, df: int) -> float:
 
 
 def paired_interval(differences, confidence=0.95) -> dict:
-    """Mean of per-seed paired differences with its t confidence interval (df = n - 1)."""
+    """Mean of per-seed paired differences with its t confidence interval (df = n - 1), and the smallest true
+    difference (mde) that a paired t test of this n and this std of differences detects with probability POWER
+    at the same level, two-sided: (t(1 - alpha/2, n-1) + t(POWER, n-1)) x std / sqrt(n), the usual approximation."""
     mean, std = mean_std(differences)
     n = len(differences)
     out = {"differences": list(differences), "mean": mean, "std": std, "n": n, "df": n - 1, "t": None,
-           "low": None, "high": None, "excludes_zero": None}
+           "low": None, "high": None, "excludes_zero": None, "mde": None}
     if std is not None:
         t = t_quantile(0.5 + confidence / 2, n - 1)
         half = t * std / math.sqrt(n)
-        out.update(t=t, low=mean - half, high=mean + half, excludes_zero=mean - half > 0 or mean + half < 0)
+        out.update(t=t, low=mean - half, high=mean + half, excludes_zero=mean - half > 0 or mean + half < 0,
+                   mde=(t + t_quantile(POWER, n - 1)) * std / math.sqrt(n))
     return out
+
+
+def sign_test(leads: int, trails: int) -> float:
+    """Two-sided exact sign test (ties dropped before): the chance that a fair coin per seed splits the seeds at
+    least as unevenly as leads : trails."""
+    n, fewer = leads + trails, min(leads, trails)
+    return min(1.0, 2 * sum(math.comb(n, k) for k in range(fewer + 1)) / 2 ** n)
 
 
 def binomial_se(accuracy: float, n: int) -> float:
@@ -2159,25 +2247,30 @@ def evaluate_point(model_dir, tok, held_out, choices, device, precision, accurac
     return {"accuracy": accuracy, "mc_accuracy": mc, "eval_loss": eval_loss}
 
 
-METRICS = {"accuracy": ("exact match, greedy (%)", 100, "{:.2f}"),
-           "mc_accuracy": (f"multiple choice, {CHOICES} options (%)", 100, "{:.2f}"),
-           "eval_loss": ("teacher-forced loss (nats/token)", 1, "{:.4f}")}
+# per metric: its name in the tables, the scale and format of its numbers there, and +1 if higher is better
+METRICS = {"accuracy": ("exact match, greedy (%)", 100, "{:.2f}", 1),
+           "mc_accuracy": (f"multiple choice, {CHOICES} options (%)", 100, "{:.2f}", 1),
+           "eval_loss": ("teacher-forced loss (nats/token)", 1, "{:.4f}", -1)}
 
 
 def _values(runs, mode, key) -> list:
     return [r[key] for r in sorted((r for r in runs if r["mode"] == mode), key=lambda r: r["seed"])]
 
 
+def _metric_keys(runs) -> list:
+    return [k for k in METRICS if all(r.get(k) is not None for r in runs)]
+
+
 def markdown_table(runs, modes) -> str:
     """Per mode: mean ± sample std over seeds; beside each accuracy the evaluation set's own standard error
     (binomial, mean over the runs)."""
-    keys = [k for k in METRICS if all(r.get(k) is not None for r in runs)]
+    keys = _metric_keys(runs)
     header = "Mode | " + " | ".join(METRICS[k][0] + (" | its eval SE" if k != "eval_loss" else "") for k in keys)
     lines = [header + " | runs |", "---|" * (header.count("|") + 2)]
     for mode in modes:
         cells = []
         for key in keys:
-            _, scale, fmt = METRICS[key]
+            _, scale, fmt, _ = METRICS[key]
             mean, std = mean_std([v * scale for v in _values(runs, mode, key)])
             cells.append(fmt.format(mean) + ("" if std is None else " ± " + fmt.format(std)))
             if key != "eval_loss":
@@ -2188,48 +2281,78 @@ def markdown_table(runs, modes) -> str:
 
 
 def paired_differences(runs, modes) -> dict:
-    """For each mode against SFT and each metric: the per-seed differences (same seed = same data, order,
-    masks, initial weights and evaluation set) and their 95% t interval."""
+    """For each mode against SFT and each metric, over the seeds both ran (same seed = same data, order, masks,
+    initial weights and evaluation set): the per-seed differences, their 95% t interval and smallest detectable
+    difference, and the seeds where the mode leads SFT, ties or trails (for the loss, leading is lower) with the
+    sign test's p-value."""
     if "sft" not in modes:
         return {}
-    keys = [k for k in METRICS if all(r.get(k) is not None for r in runs)]
-    return {f"{mode} - sft": {key: paired_interval([x - y for x, y in zip(_values(runs, mode, key),
-                                                                            _values(runs, "sft", key))])
-                              for key in keys} for mode in modes if mode != "sft"}
+    by_run = {(r["mode"], r["seed"]): r for r in runs}
+    out = {}
+    for mode in modes:
+        seeds = sorted(s for m, s in by_run if m == mode and ("sft", s) in by_run)
+        if mode == "sft" or not seeds:
+            continue
+        out[f"{mode} - sft"] = {}
+        for key in _metric_keys(runs):
+            differences = [by_run[mode, s][key] - by_run["sft", s][key] for s in seeds]
+            better = METRICS[key][3]
+            leads, trails = sum(better * d > 0 for d in differences), sum(better * d < 0 for d in differences)
+            out[f"{mode} - sft"][key] = {**paired_interval(differences), "seeds": seeds, "leads": leads,
+                                         "ties": len(seeds) - leads - trails, "trails": trails,
+                                         "sign_p": sign_test(leads, trails)}
+    return out
 
 
-def differences_table(differences) -> str:
-    if not differences:
-        return ""
+def _differences_rows(differences, columns, cells) -> str:
+    """A table with one row per paired difference: its name, `columns` per metric filled by cells(d, scale,
+    digits), and the seeds paired."""
     keys = list(next(iter(differences.values())))
     lines = ["Paired difference (per seed) | " + " | ".join(
-        f"{METRICS[k][0].split(' (')[0]}: mean | 95% CI | excludes 0?" for k in keys) + " |",
-        "---|" * (1 + 3 * len(keys))]
+        f"{METRICS[k][0].split(' (')[0]}: {columns[0]}" + "".join(f" | {c}" for c in columns[1:]) for k in keys)
+        + " | seeds |", "---|" * (2 + len(columns) * len(keys))]
     for name, by_key in differences.items():
-        mode = name.split(" - ")[0]
-        cells = []
+        row = []
         for key in keys:
-            d, scale = by_key[key], METRICS[key][1]
-            digits = 2 if scale == 100 else 4
-            interval = "n/a (1 seed)" if d["low"] is None else f"[{d['low'] * scale:+.{digits}f}, " \
-                                                               f"{d['high'] * scale:+.{digits}f}]"
-            verdict = "n/a" if d["excludes_zero"] is None else "yes" if d["excludes_zero"] else "no"
-            cells += [f"{d['mean'] * scale:+.{digits}f}", interval, verdict]
-        lines.append(f"{MODE_NAMES[mode]} - SFT | " + " | ".join(cells) + " |")
+            scale = METRICS[key][1]
+            row += cells(by_key[key], scale, 2 if scale == 100 else 4)
+        n = next(iter(by_key.values()))["n"]
+        lines.append(f"{MODE_NAMES[name.split(' - ')[0]]} - SFT | " + " | ".join(row) + f" | {n} |")
     return "\n".join(lines)
 
 
+def differences_table(differences) -> str:
+    """Per paired difference and metric: the mean, its 95% t interval and whether that excludes zero."""
+    def cells(d, scale, digits):
+        interval = "n/a (1 seed)" if d["low"] is None else f"[{d['low'] * scale:+.{digits}f}, " \
+                                                           f"{d['high'] * scale:+.{digits}f}]"
+        verdict = "n/a" if d["excludes_zero"] is None else "yes" if d["excludes_zero"] else "no"
+        return [f"{d['mean'] * scale:+.{digits}f}", interval, verdict]
+    return _differences_rows(differences, ["mean", "95% CI", "excludes 0?"], cells) if differences else ""
+
+
+def sign_table(differences) -> str:
+    """Per paired difference and metric: the seeds where the mode leads, ties and trails, the sign test's
+    p-value, and the minimum detectable effect (MDE): the smallest difference the run detects at POWER."""
+    def cells(d, scale, digits):
+        mde = "n/a" if d["mde"] is None else f"{d['mde'] * scale:.{digits}f}"
+        return [f"{d['leads']} / {d['ties']} / {d['trails']}", f"{d['sign_p']:.3g}", mde]
+    columns = ["leads / ties / trails", "sign test p", f"MDE ({POWER:.0%} power)"]
+    return _differences_rows(differences, columns, cells) if differences else ""
+
+
 def curves_svg(runs, modes) -> str:
-    """Held-out exact match against optimizer step: per mode the mean over seeds and a min-max band."""
+    """Held-out exact match against optimizer step: per mode the mean over its seeds and a min-max band."""
     series = []
     for mode in modes:
         curves = [r["curve"] for r in runs if r["mode"] == mode]
         points = list(zip(*curves))  # per evaluation point, one entry per seed
         values = [[100 * p["accuracy"] for p in at] for at in points]
-        series.append(Series(MODE_NAMES[mode], [mean_std([p["step"] for p in at])[0] for at in points],
+        series.append(Series(f"{MODE_NAMES[mode]} (n={len(curves)})", [mean_std([p["step"] for p in at])[0]
+                                                                          for at in points],
                              [mean_std(v)[0] for v in values], [min(v) for v in values], [max(v) for v in values]))
     top = 10 * math.ceil(max(max(s.high) for s in series) / 10 + 1e-9)  # the next multiple of 10 above the band
-    return svg_chart(series, f"held-out exact match (mean over {len(curves)} seeds, band: min to max)",
+    return svg_chart(series, "held-out exact match (mean over n seeds, band: min to max)",
                      "optimizer step", "exact match (%)", y_range=(0, min(100, top)))
 
 
@@ -2242,21 +2365,30 @@ def compare(base: TrainConfig, seeds, modes=MODES[::-1], eval_points=3, jobs=1, 
     if not seeds or eval_points < 1 or jobs < 1:
         raise ValueError(f"compare needs at least one seed, --eval-points >= 1 and --jobs >= 1 (got {len(seeds)} "
                          f"seeds, --eval-points {eval_points}, --jobs {jobs})")
+    for flag, values in (("--seeds", seeds), ("--modes", modes)):  # one run counted twice would fake a seed
+        twice = next((v for k, v in enumerate(values) if v in values[:k]), None)
+        if twice is not None:
+            raise ValueError(f"{flag} names {twice} twice")
     device = init_distributed(base.device)[1]
     started = time.perf_counter()
-    tasks = [(seed, mode) for seed in seeds for mode in modes]  # seed-major, as the tables list the runs
-    if jobs == 1 or len(tasks) == 1:
+    tasks = [(seed, mode) for seed in sorted(seeds) for mode in modes]  # seed-major, as the tables list the runs
+    jobs = min(jobs, len(tasks))
+    if not base.model and not base.data and device.type == "cpu":
+        log(f"estimate: about {_duration(60 * estimate_minutes(base, len(tasks), modes, jobs))} for {len(tasks)} "
+            f"runs, {jobs} at a time (per-run times measured on a 2-core AMD EPYC, one thread each, scaled by "
+            f"optimizer steps)")
+    if jobs == 1:
         runs = [compare_run(base, seed, mode, eval_points, log) for seed, mode in tasks]
     else:
-        runs = compare_in_processes(base, tasks, eval_points, min(jobs, len(tasks)))
+        runs = compare_in_processes(base, tasks, eval_points, jobs)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    multiple_choice = all(r["mc_accuracy"] is not None for r in runs)
-    return report(base, runs, modes, eval_points, multiple_choice, time.perf_counter() - started, device_name, log)
+    return report(asdict(base), runs, modes, eval_points, time.perf_counter() - started, device_name, log)
 
 
 def compare_run(base: TrainConfig, seed, mode, eval_points, log=print) -> dict:
     """One mode's run of one seed (it depends on nothing else) with its evaluation curve: exact match and the
-    teacher-forced loss at every point, the multiple choice (2,000 scored solutions) at the end."""
+    teacher-forced loss at every point, the multiple choice (2,000 scored solutions) at the end; and the machine
+    that computed it."""
     cfg = replace(base, seed=seed, mode=mode, out=str(Path(base.out) / f"{mode}-seed{seed}"), resume=False,
                   overwrite=True)
     device = resolve_device(base.device)
@@ -2284,7 +2416,7 @@ def compare_run(base: TrainConfig, seed, mode, eval_points, log=print) -> dict:
         log(tag + f"step {summary['step']}/{total}: " + ", ".join(
             f"{k} {v:.4f}" for k, v in point.items() if v is not None))
     return {"mode": mode, "seed": seed, **curve[-1], "n_eval": len(held_out), "final_loss": summary["final_loss"],
-            "seconds": time.perf_counter() - started, "curve": curve}
+            "seconds": time.perf_counter() - started, "machine": machine(device), "curve": curve}
 
 
 def default_jobs(cfg: TrainConfig) -> int:
@@ -2318,24 +2450,96 @@ def compare_in_processes(base: TrainConfig, tasks, eval_points, jobs) -> list:
         pool.shutdown(cancel_futures=True)
 
 
-def report(base: TrainConfig, runs, modes, eval_points, multiple_choice, seconds, device_name, log=print) -> dict:
-    """The tables, results.json and curves.svg of finished runs (also of runs gathered from several processes,
-    one per seed: each run depends on its seed alone)."""
+# The TrainConfig fields that say where and how a comparison ran, not what it computed (those --resume lets differ,
+# but n_eval, the held-out set), and those compare sets per run: parts that differ only in these may be pooled.
+POOL_FREE_FIELDS = (RUNTIME_FIELDS - {"n_eval"}) | {"seed", "mode"}
+
+
+def _protocol(results: dict) -> dict:
+    """What a results.json computed: its configuration less POOL_FREE_FIELDS (a field it lacks, from an older
+    remask.py, at today's default) and its evaluation points."""
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    config = {**defaults, **results["config"]}
+    return {**{k: v for k, v in config.items() if k not in POOL_FREE_FIELDS}, "eval_points": results["eval_points"]}
+
+
+def read_results(path) -> dict:
+    """A results.json of `remask.py compare`; a run without a machine (written before runs recorded theirs) gets
+    one of "unknown" fields but the file's torch version."""
+    try:
+        results = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    if not (isinstance(results, dict) and {"config", "runs", "eval_points"} <= results.keys()
+            and all(isinstance(r, dict) and r.get("mode") in MODES and isinstance(r.get("seed"), int)
+                    for r in results["runs"])):
+        raise ValueError(f"{path}: not a results.json of remask.py compare (config, eval_points, runs of a mode "
+                         f"and a seed)")
+    # a machine record's fields, all unknown
+    unknown = {**dict.fromkeys(machine(torch.device("cpu")), "unknown"), "torch": results.get("torch", "unknown")}
+    results["runs"] = [{**run, "machine": run.get("machine") or unknown} for run in results["runs"]]
+    return results
+
+
+def pool(paths, out, log=print) -> dict:
+    """One report over the runs of several results.json: parts run on other machines or at other times (a run
+    depends on its seed alone). Refused: parts of different protocols, and a (seed, mode) run in two parts (or
+    twice in one)."""
+    parts = [(path, read_results(path)) for path in paths]
+    (first_path, first), seen, runs = parts[0], {}, []
+    expected = _protocol(first)
+    for path, part in parts:
+        protocol = _protocol(part)
+        differ = [f"{k} {expected.get(k)!r} vs {protocol.get(k)!r}" for k in sorted(expected.keys() | protocol.keys())
+                  if expected.get(k) != protocol.get(k)]
+        if differ:
+            raise ValueError(f"{first_path} and {path} ran different protocols ({', '.join(differ)}): their runs "
+                             f"do not pool")
+        for run in part["runs"]:
+            if (run["seed"], run["mode"]) in seen:
+                raise ValueError(f"the {run['mode']} run of seed {run['seed']} is in {seen[run['seed'], run['mode']]} "
+                                 f"and in {path}: a run counted twice would fake a seed")
+            seen[run["seed"], run["mode"]] = path
+            runs.append(run)
+    modes = [mode for mode in MODES[::-1] if any(r["mode"] == mode for r in runs)]
+    runs.sort(key=lambda r: (r["seed"], modes.index(r["mode"])))
+    sources = [{"file": str(path), "date": part.get("date"), "seconds": part.get("seconds"),
+                "device": part.get("device"), "seeds": seed_ranges({r["seed"] for r in part["runs"]}),
+                "modes": sorted({r["mode"] for r in part["runs"]}, key=modes.index)} for path, part in parts]
+    devices = ", ".join(dict.fromkeys(str(part.get("device")) for _, part in parts))
+    return report({**first["config"], "out": str(out)}, runs, modes, first["eval_points"],
+                  sum(part.get("seconds") or 0 for _, part in parts), devices, log, sources)
+
+
+def report(config: dict, runs, modes, eval_points, seconds, device_name, log=print, parts=None) -> dict:
+    """The tables, results.json and curves.svg of finished runs: those of one comparison (gathered from several
+    processes, one per run) or those pooled from several `parts` (seconds: theirs added)."""
     seeds = sorted({r["seed"] for r in runs})
     differences = paired_differences(runs, modes)
-    table = markdown_table(runs, modes) + ("\n\n" + differences_table(differences) if differences else "")
+    table = "\n\n".join([markdown_table(runs, modes)] + ([differences_table(differences), sign_table(differences)]
+                                                         if differences else []))
+    counts = {}  # runs per distinct machine
+    for run in runs:
+        key = json.dumps(run["machine"], sort_keys=True)
+        counts[key] = counts.get(key, 0) + 1
+    machines = [{**json.loads(key), "runs": n} for key, n in counts.items()]
+    multiple_choice = all(r["mc_accuracy"] is not None for r in runs)
     results = {"table": table, "seconds": seconds, "device": device_name, "torch": torch.__version__,
                "date": time.strftime("%Y-%m-%d", time.gmtime()), "seeds": seeds, "modes": list(modes),
-               "eval_points": eval_points, "choices": CHOICES if multiple_choice else None,
-               "config": asdict(base), "runs": runs, "differences": differences,
-               "summary": {mode: {key: dict(zip(("mean", "std"), mean_std(_values(runs, mode, key))))
-                                  for key in METRICS if all(r[key] is not None for r in runs)} for mode in modes}}
-    out = Path(base.out)
+               "eval_points": eval_points, "choices": CHOICES if multiple_choice else None, "config": config,
+               "machines": machines, **({"parts": parts} if parts else {}), "runs": runs,
+               "differences": differences,
+               "summary": {mode: {key: dict(zip(("mean", "std", "n"), (*mean_std(_values(runs, mode, key)),
+                                                                        len(_values(runs, mode, key)))))
+                                  for key in _metric_keys(runs)} for mode in modes}}
+    out = Path(config["out"])
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "curves.svg", curves_svg(runs, modes))
     atomic_write(out / "results.json", json.dumps(results, indent=2) + "\n")
-    log(f"\n{table}\n\n{len(runs)} runs ({len(modes)} modes x {len(seeds)} seeds) in {_duration(seconds)} on "
-        f"{device_name}; results in {out / 'results.json'}, curves in {out / 'curves.svg'}")
+    per_mode = ", ".join(f"{MODE_NAMES[m]} seeds {seed_ranges(_values(runs, m, 'seed'))}" for m in modes)
+    source = (f"pooled from {len(parts)} results.json" if parts else f"in {_duration(seconds)} on {device_name}")
+    log(f"\n{table}\n\n{len(runs)} runs ({per_mode}) {source}; results in {out / 'results.json'}, curves in "
+        f"{out / 'curves.svg'}\n" + "\n".join(f"{m['runs']} runs on {describe_machine(m)}" for m in machines))
     return results
 
 # ----------------------------------------------------------------------------- using a model: chat, GSM8K and ARC
@@ -2561,11 +2765,16 @@ def cmd_compare(args):
     cfg = config_from_args(args, preset)
     if (cfg.model or cfg.data) and not hasattr(args, "n_eval"):
         cfg = replace(cfg, n_eval=500)  # real data: 500 CoT rows held out unless told otherwise
-    if args.seeds < 1 or args.eval_points < 1 or args.jobs < 0:
-        raise ValueError(f"--seeds and --eval-points must be >= 1 and --jobs >= 0, got --seeds {args.seeds}, "
-                         f"--eval-points {args.eval_points}, --jobs {args.jobs}")
+    if args.eval_points < 1 or args.jobs < 0:
+        raise ValueError(f"--eval-points must be >= 1 and --jobs >= 0, got --eval-points {args.eval_points}, "
+                         f"--jobs {args.jobs}")
     jobs = args.jobs or default_jobs(cfg)
-    compare(cfg, list(range(args.seeds)), args.modes, args.eval_points, jobs)
+    compare(cfg, parse_seeds(args.seeds), args.modes, args.eval_points, jobs)
+    return 0
+
+
+def cmd_compare_report(args):
+    pool(args.results, args.out)
     return 0
 
 
@@ -2702,12 +2911,16 @@ def build_parser():
     train_p.set_defaults(run=cmd_train)
     compare_p = sub.add_parser("compare", help="SFT vs Masked Thought vs ReMask: same data, schedule and seeds",
                                description="Train every mode with every seed (the embedded default: a fixed set of "
-                                           "1408 examples for 6 epochs; --epochs 1 --n-train 8448 for the one-epoch "
-                                           "contrast), evaluate held-out greedy exact match, multiple choice by "
-                                           "log-likelihood and teacher-forced loss during training, print mean ± std "
-                                           "per mode and paired differences against SFT with 95%% t intervals, write "
-                                           "results.json and curves.svg.")
-    compare_p.add_argument("--seeds", type=int, default=5, help="seeds per mode, 0..N-1 (default 5)")
+                                           "2048 examples for 6 epochs, 384 steps; --epochs 1 --n-train 12288 for "
+                                           "the one-epoch contrast), evaluate held-out greedy exact match, multiple "
+                                           "choice by log-likelihood and teacher-forced loss during training, print "
+                                           "mean ± std per mode and paired differences against SFT (95%% t "
+                                           "intervals, seeds ahead with a sign test, the smallest detectable "
+                                           "difference), write results.json (with each run's machine) and "
+                                           "curves.svg. Parts run elsewhere pool with compare-report.")
+    compare_p.add_argument("--seeds", default=str(COMPARE_SEEDS),
+                           help=f"a count N (seeds 0..N-1), a range A-B or a comma list such as 0-4,10 (default "
+                                f"{COMPARE_SEEDS}: about an hour on 2 cores)")
     compare_p.add_argument("--eval-points", type=int, default=3, help="evaluations per run, evenly spaced, the last "
                                                                       "at the end (default 3)")
     compare_p.add_argument("--jobs", type=int, default=0,
@@ -2715,9 +2928,18 @@ def build_parser():
                                 "--threads on a CPU, 1 on a GPU); the table does not depend on it")
     compare_p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES[::-1]),
                            help="modes to compare (default: all three)")
-    # compare sets these itself for every run (its modes: --modes)
-    add_config_flags(compare_p, {"name": "compare", **COMPARE}, leave_out=("mode", "stop_at", "resume", "overwrite"))
+    # compare sets these itself for every run (its modes: --modes, its seeds: --seeds)
+    add_config_flags(compare_p, {"name": "compare", **COMPARE},
+                     leave_out=("mode", "seed", "stop_at", "resume", "overwrite"))
     compare_p.set_defaults(run=cmd_compare)
+    report_p = sub.add_parser("compare-report", help="pool several compare results.json into one report",
+                              description="Pool the runs of several results.json of `compare` (parts run on other "
+                                          "machines or at other times, e.g. --seeds 0-19 and --seeds 20-39) into "
+                                          "one report: the tables, results.json and curves.svg. Refused: parts of "
+                                          "different protocols, a run (seed and mode) in two parts.")
+    report_p.add_argument("results", nargs="+", help="results.json files of remask.py compare")
+    report_p.add_argument("--out", required=True, help="directory for the pooled results.json and curves.svg")
+    report_p.set_defaults(run=cmd_compare_report)
     gen = sub.add_parser("generate", help="answer one prompt with a trained model (streamed)",
                          description="Wrap --prompt in the chat template (or --cot: the CoT template) and stream the "
                                      "reply until <|user|> or the end of text.")
