@@ -63,7 +63,7 @@ import threading
 import time
 import zlib
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from html import escape
@@ -77,11 +77,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from data import (ARC_FEWSHOT, ARC_SEED, GSM8K_MAX_NEW_TOKENS, GSM8K_STOP, IGNORE_INDEX, MODES, PAD_ID, CoTRecord,
-                  DataError, Loader, MaskConfig, Tokenizer, addition_cot, arc_contexts, arc_continuations,
+                  DataError, DownloadError, Loader, MaskConfig, Tokenizer, addition_cot, arc_contexts, arc_continuations,
                   atomic_write, chat_prompt, collate, cot_prompt, cut_at_stop, describe_fit, embedded_dataset,
                   embedded_tokenizer, encode_many, encode_pair, extract_answer, fit_length, format_record,
                   describe_overlap, gsm8k_prompts, load_tokenizer, mask_example, mixture_parts, overlap, read_arc,
-                  read_eval_set, read_gsm8k, read_mixture, round_up, score_arc,
+                  read_eval_set, read_gsm8k, read_mixture, resolve_model, round_up, score_arc,
                   score_gsm8k)
 from model import (CONFIGS, OWNER, Config, StableLM, check_apart, check_replaceable, generate, make_owned, owner,
                    recover_directory, remove_directory, update_owner, write_directory)
@@ -705,8 +705,10 @@ class TrainConfig:
                                           "less padding, the same examples per step")
     arch: str = _option("debug", "model.py config of a fresh model (no --model); its vocabulary grows to the "
                                  "tokenizer's", choices=tuple(CONFIGS))
-    digits: int = _option(3, "embedded task: digits of each operand of the additions", at_least(1))
-    n_train: int = _option(20000, "embedded task: training examples", at_least(1))
+    digits: int = _option(3, "embedded task: digits of each operand of the additions", Valid(lambda d: 1 <= d <= 12,
+                                                                                            "in [1, 12]"))
+    n_train: int = _option(20000, "embedded task: training examples (generated in memory, so at most a million)",
+                           Valid(lambda n: 1 <= n <= 10**6, "in [1, 1000000]"))
     n_eval: int = _option(0, "held-out problems for greedy exact match after training: the embedded task's own, "
                              "or CoT rows held out of --data (0: no evaluation)", at_least(0))
     device: str = _option("auto", "cpu, cuda, cuda:1 ...; auto: the GPU if there is one (under torchrun: the "
@@ -742,6 +744,8 @@ class TrainConfig:
                 raise ValueError(f"{flag} must be {valid.says}, got {value}")
             if "choices" in f.metadata and value not in f.metadata["choices"]:
                 raise ValueError(f"{flag} must be one of {', '.join(f.metadata['choices'])}, got {value!r}")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues the run in --out and --overwrite starts it over: pass one of them")
         if self.eval_data and not self.data:
             raise ValueError("--eval-data needs --data (the embedded task holds out problems of its own)")
         if self.eval_data and self.n_eval:
@@ -766,9 +770,11 @@ DEMO = dict(out="runs/demo", seq_len=128, micro_batch=32, global_batch=32, epoch
 
 
 # Fields that may differ on --resume: they change how the run executes, not what it computes (micro_batch
-# changes the order of float sums only; n_eval only the evaluation at the end).
+# changes the order of float sums only; n_eval and eval_data only the evaluation at the end; model and data are
+# paths, spelt any way: the checkpoint holds the weights, and its data fingerprint the examples, token for token).
 RUNTIME_FIELDS = {"out", "device", "compile", "grad_checkpointing", "reduce_every_micro_batch", "threads", "log_every",
-                  "save_every", "keep", "stop_at", "resume", "overwrite", "micro_batch", "n_eval"}
+                  "save_every", "keep", "stop_at", "resume", "overwrite", "micro_batch", "n_eval", "eval_data",
+                  "model", "data"}
 
 
 class TrainError(RuntimeError):
@@ -843,8 +849,8 @@ def train(cfg: TrainConfig, log=print, evaluate_untrained=True) -> dict:
     ranks, device = init_distributed(cfg.device)
     run_log = RunLog(log, ranks.rank == 0)
     try:
-        with _StopOnSignal(run_log) as stopper, writing_run(cfg, ranks.rank == 0):
-            run = start_run(cfg, ranks, device, run_log, evaluate_untrained)
+        with _StopOnSignal(run_log) as stopper, ExitStack() as held:
+            run = start_run(cfg, ranks, device, run_log, evaluate_untrained, held)
             step, interrupted = training_loop(run, stopper, run_log)
             return end_run(run, step, interrupted, stopper, run_log)
     except (TrainError, DataError, ValueError, OSError) as e:
@@ -938,10 +944,15 @@ class Run:
         return self.main or self.sharded
 
 
-def start_run(cfg, ranks, device, log, evaluate_untrained) -> Run:
-    """Set-up: the run directory, the data, the model and optimizer, the position to start from."""
-    out, main = Path(cfg.out), ranks.rank == 0
+def start_run(cfg, ranks, device, log, evaluate_untrained, held) -> Run:
+    """Set-up: the run directory, the data, the model and optimizer, the position to start from. held: what the run
+    holds until it ends (the run directory's lock)."""
+    if cfg.model:  # a Hub id becomes its snapshot directory in the Hugging Face cache (downloaded where missing)
+        cfg = replace(cfg, model=str(resolve_model(cfg.model, log)))
+    out, main = Path(cfg.out).expanduser(), ranks.rank == 0
     previous = check_run_directory(cfg)
+    if main and out.is_dir():  # one writer at a time, from the first write on (a missing --out: made by the claim)
+        held.callback(os.close, lock_run_directory(out))
     if main and previous:
         log.start_file(out / "train.log")  # a resumed run's own log: its errors belong there too
     log(f"remask train {' '.join(f'--{_flag(k)} {v}' for k, v in asdict(cfg).items() if v != '')}")
@@ -953,10 +964,14 @@ def start_run(cfg, ranks, device, log, evaluate_untrained) -> Run:
     resume_from = find_resume_checkpoint(out, log) if previous else None  # the newest intact checkpoint
     sharded = cfg.parallel == "fsdp" and ranks.world > 1  # one process: nothing to shard
     model, optimizer, start_step = model_and_optimizer(cfg, tok, resume_from, fingerprint, device, log, sharded)
+    if cfg.seq_len > model.config.max_position_embeddings:
+        raise TrainError(f"--seq-len {cfg.seq_len} is longer than the model's context of "
+                         f"{model.config.max_position_embeddings} tokens (max_position_embeddings): positions it never "
+                         f"learnt; use --seq-len {model.config.max_position_embeddings} or less")
     runner, wrapper = wrap_for_training(model, cfg, ranks, device)
     loader = training_loader(examples, tok, cfg, ranks)
     if main:
-        claim_run_directory(cfg, previous, log)
+        claim_run_directory(cfg, previous, log, held)
     if ranks.world > 1:
         dist.barrier()  # the other ranks write nothing; rank 0 has made --out the run's
     total = cfg.max_steps or len(loader) * cfg.epochs
@@ -1147,8 +1162,8 @@ def check_finite(seen, steps, step, last_saved):
         return
     where = f"last good checkpoint: {last_saved}" if last_saved else "no checkpoint was saved yet"
     what = f"loss is {seen['loss'] / steps}" if not math.isfinite(seen["loss"]) else "the weights are not finite"
-    raise TrainError(f"{what} at step {step} (or in the {steps} steps before it); stopping. {where} (resume it "
-                     f"with --resume, maybe with a lower --lr)")
+    raise TrainError(f"{what} at step {step} (or in the {steps} steps before it); stopping. {where}. A lower --lr "
+                     f"needs a fresh start (--overwrite, or another --out): --resume keeps the recipe, --lr included")
 
 
 def out_of_memory(run, step) -> str:
@@ -1695,14 +1710,24 @@ def run_inputs(cfg) -> dict:
     return reads
 
 
-@contextmanager
-def writing_run(cfg, main):
-    """One writer at a time: rank 0 holds an flock on --out for the whole run (the kernel releases it if the process
-    dies), so a second process on the same --out is refused and never disturbs the first. A missing --out is made
-    here as remask's run directory."""
-    if not main:
-        yield
-        return
+def lock_run_directory(out) -> int:
+    """One writer at a time: an flock on --out, held for the whole run (the kernel releases it if the process dies),
+    so a second process on the same --out is refused before it changes anything, and never disturbs the first."""
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise TrainError(f"--out {out}: another remask process is writing this run right now; wait for it to end, "
+                         f"or choose another --out") from None
+    return fd
+
+
+def check_run_directory(cfg) -> list:
+    """The run directory policy, checked before anything is read or written: every output is absent or this run
+    directory's own, none is an input, and an --out holding checkpoints is continued (--resume) or started over
+    (--overwrite, replacing only the run's own outputs once it has loaded everything). Returns the checkpoints to
+    resume from ([] for a fresh run)."""
     if not cfg.out.strip():
         raise TrainError("--out is empty: give the run's directory (it is never taken to mean the current one)")
     out = Path(cfg.out).expanduser()
@@ -1712,27 +1737,6 @@ def writing_run(cfg, main):
     existing = next(p for p in (out, *out.parents, Path(".")) if p.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
         raise TrainError(f"--out {out}: {existing} is not writable")
-    if not out.exists():
-        make_owned(out, "run", wrote=[])
-    fd = os.open(out, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise TrainError(f"--out {out}: another remask process is writing this run right now; wait for it to end, "
-                         f"or choose another --out") from None
-    try:
-        yield
-    finally:
-        os.close(fd)
-
-
-def check_run_directory(cfg) -> list:
-    """The run directory policy, checked before anything is read or written: every output is absent or this run
-    directory's own, none is an input, and an --out holding checkpoints is continued (--resume) or started over
-    (--overwrite, replacing only the run's own outputs once it has loaded everything). Returns the checkpoints to
-    resume from ([] for a fresh run)."""
-    out = Path(cfg.out).expanduser()
     check_apart({f"--out's {name}": out / name for name in (OWNER, *RUN_FILES, *RUN_DIRECTORIES)}, run_inputs(cfg))
     record = owner(out)
     if record is not None and record["remask"] != "run":
@@ -1747,8 +1751,6 @@ def check_run_directory(cfg) -> list:
             check_replaceable(out / name, kind)
         except FileExistsError as e:
             raise TrainError(f"--out {out}: {e}") from None
-    if cfg.resume and cfg.overwrite:
-        raise TrainError("--resume continues the run in --out and --overwrite starts it over: pass one of them")
     previous = checkpoints(out)
     if cfg.resume and not previous:
         raise TrainError(f"--resume: no checkpoint in {out / 'checkpoints'}")
@@ -1758,11 +1760,14 @@ def check_run_directory(cfg) -> list:
     return previous if cfg.resume else []
 
 
-def claim_run_directory(cfg, previous, log):
-    """Rank 0 makes --out this run's: a fresh run deletes what the directory's record says an earlier run wrote (an
-    overwritten run's checkpoints among them) and records what it writes; train.log starts with the lines logged
-    so far, or a resumed run appends to its own."""
+def claim_run_directory(cfg, previous, log, held):
+    """Rank 0 makes --out this run's (a missing one is made and locked here, held until the run ends): a fresh run
+    deletes what the directory's record says an earlier run wrote (an overwritten run's checkpoints among them) and records what it
+    writes; train.log starts with the lines logged so far, or a resumed run appends to its own."""
     out = Path(cfg.out).expanduser()
+    if not out.exists():
+        make_owned(out, "run", wrote=[])
+        held.callback(os.close, lock_run_directory(out))
     record = owner(out) or make_owned(out, "run", wrote=[])
     if not previous:
         for checkpoint in checkpoints(out):  # --overwrite, checked by check_run_directory
@@ -2369,6 +2374,7 @@ def compare(base: TrainConfig, seeds, modes=MODES[::-1], eval_points=3, jobs=1, 
         twice = next((v for k, v in enumerate(values) if v in values[:k]), None)
         if twice is not None:
             raise ValueError(f"{flag} names {twice} twice")
+    claim_comparison(base.out, run_inputs(base))
     device = init_distributed(base.device)[1]
     started = time.perf_counter()
     tasks = [(seed, mode) for seed in sorted(seeds) for mode in modes]  # seed-major, as the tables list the runs
@@ -2385,12 +2391,28 @@ def compare(base: TrainConfig, seeds, modes=MODES[::-1], eval_points=3, jobs=1, 
     return report(asdict(base), runs, modes, eval_points, time.perf_counter() - started, device_name, log)
 
 
+def claim_comparison(out: str, reads: dict):
+    """Before any work: --out is a comparison directory remask made (its runs are its own, started over), or is
+    made one; a directory of anything else, a training run's included, is refused, as is one holding an input."""
+    if not str(out).strip():
+        raise TrainError("--out is empty: give the comparison's directory (it is never taken to mean the current one)")
+    out = Path(out).expanduser()
+    check_apart({"--out": out}, reads)
+    record = owner(out) if out.is_dir() else None
+    if out.exists() and (not out.is_dir() or (record or {}).get("remask", "compare") != "compare" or
+                         record is None and any(out.iterdir())):
+        made = f"remask's {record['remask']} directory" if record else "not a comparison remask made"
+        raise TrainError(f"--out {out}: {made}; its files are left alone: choose another --out")
+    if record is None:
+        make_owned(out, "compare")
+
+
 def compare_run(base: TrainConfig, seed, mode, eval_points, log=print) -> dict:
     """One mode's run of one seed (it depends on nothing else) with its evaluation curve: exact match and the
     teacher-forced loss at every point, the multiple choice (2,000 scored solutions) at the end; and the machine
     that computed it."""
     cfg = replace(base, seed=seed, mode=mode, out=str(Path(base.out) / f"{mode}-seed{seed}"), resume=False,
-                  overwrite=True)
+                  overwrite=True)  # the comparison's own run directory (claim_comparison): started over
     device = resolve_device(base.device)
     precision = resolve_precision(base.precision, device)
     tok = load_tokenizer_for(cfg, log=lambda message: None)
@@ -2404,7 +2426,7 @@ def compare_run(base: TrainConfig, seed, mode, eval_points, log=print) -> dict:
     tag = f"[{mode} seed {seed}] "
     started, curve = time.perf_counter(), []
     for k, stop in enumerate(stops):  # chunks of one run: resume is bit-exact
-        summary = train(replace(cfg, stop_at=stop, resume=k > 0), log=lambda m: log(tag + m),
+        summary = train(replace(cfg, stop_at=stop, resume=k > 0, overwrite=k == 0), log=lambda m: log(tag + m),
                         evaluate_untrained=False)
         if summary.get("interrupted"):  # the run saved its checkpoint; the comparison stops with it
             raise Interrupted(summary["exit_code"] - 128)
@@ -2485,6 +2507,7 @@ def pool(paths, out, log=print) -> dict:
     """One report over the runs of several results.json: parts run on other machines or at other times (a run
     depends on its seed alone). Refused: parts of different protocols, and a (seed, mode) run in two parts (or
     twice in one)."""
+    claim_comparison(out, {f"results file {path}": path for path in paths})
     parts = [(path, read_results(path)) for path in paths]
     (first_path, first), seen, runs = parts[0], {}, []
     expected = _protocol(first)
@@ -2558,7 +2581,7 @@ def report(config: dict, runs, modes, eval_points, seconds, device_name, log=pri
 def load_for_inference(path, device_name="auto") -> tuple:
     """(tokenizer, model, device) of a Hugging Face directory, float or 8-bit, ready for generation."""
     device = resolve_device(device_name)
-    path = Path(path).expanduser()
+    path = resolve_model(str(path))
     try:
         tok = load_tokenizer(path)
         model = StableLM.from_pretrained(path, device=device).eval()
@@ -2600,7 +2623,7 @@ def stream_reply(model, tok, prompt, device, max_new_tokens, temperature=0.0, to
     return text.text[0].strip()
 
 
-def chat_loop(respond, read_line=input, write=print) -> list:
+def chat_loop(respond, read_line=input, write=print, system="") -> list:
     """A terminal conversation: each user line goes to respond(prompt) -> reply, the prompt holding the whole
     history in the chat format; /reset forgets the history, /exit (or end of input) leaves. A line that is not
     UTF-8 text, or a conversation that outgrew the model's context (respond raises ValueError), is answered with
@@ -2623,7 +2646,7 @@ def chat_loop(respond, read_line=input, write=print) -> list:
             write("(history cleared)")
         elif line:
             try:
-                history.append((line, respond(chat_prompt(history, line))))
+                history.append((line, respond(chat_prompt(history, line, system))))
             except ValueError as e:
                 write(f"(not answered: {e}; /reset starts a new conversation)")
 
@@ -2745,12 +2768,26 @@ def config_from_args(args, preset: dict) -> TrainConfig:
     """The recipe's defaults, then the preset when neither --model nor --data is given, then the flags given."""
     given = given_flags(args)
     uses_preset = not given.get("model") and not given.get("data")
+    ignored = [name for name in IGNORED_WITHOUT if given.get(IGNORED_WITHOUT[name]) and name in given]
+    if ignored:
+        raise ValueError(f"--{_flag(ignored[0])} does nothing with --{_flag(IGNORED_WITHOUT[ignored[0]])} "
+                         f"({TrainConfig.__dataclass_fields__[ignored[0]].metadata['help']}): leave it out")
     preset_values = {k: v for k, v in preset.items() if k != "name"} if uses_preset else {}
     return TrainConfig(**{**preset_values, **given})
 
 
+# Flags that one source makes meaningless: given with it, they are errors, not silence.
+IGNORED_WITHOUT = {"digits": "data", "n_train": "data", "arch": "model"}
+# Flags that a --mode makes meaningless (remask.py train; compare trains every mode)
+IGNORED_BY_MODE = {"sft": ("kl_weight", "input_mask", "label_mask", "answer_only", "mask_with"),
+                   "masked-thought": ("kl_weight",)}
+
+
 def cmd_train(args):
     cfg = config_from_args(args, DEMO)
+    ignored = [name for name in IGNORED_BY_MODE.get(cfg.mode, ()) if name in given_flags(args)]
+    if ignored:
+        raise ValueError(f"--{_flag(ignored[0])} does nothing under --mode {cfg.mode}: leave it out")
     if not cfg.model and not cfg.data:
         print(f"embedded demo (preset: {', '.join(f'--{_flag(k)} {v}' for k, v in DEMO.items())}; flags given "
               f"override it)")
@@ -2807,7 +2844,7 @@ def cmd_generate(args):
     except UnicodeEncodeError:  # undecodable bytes in argv arrive as surrogates
         raise ValueError("--prompt is not valid UTF-8 text") from None
     tok, model, device = load_for_inference(args.model, args.device)
-    prompt = cot_prompt(args.prompt) if args.cot else chat_prompt([], args.prompt)
+    prompt = cot_prompt(args.prompt) if args.cot else chat_prompt([], args.prompt, args.system)
     check_fits(model, len(tok.encode(prompt)), args.max_new_tokens)  # before the prompt is echoed
     print(prompt, end="", flush=True)
     stream_reply(model, tok, prompt, device, args.max_new_tokens, args.temperature, args.top_k, args.seed,
@@ -2822,7 +2859,7 @@ def cmd_chat(args):
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a message in the model's "
                          f"context of {context_length(model)} tokens")
     chat_loop(lambda prompt: stream_reply(model, tok, prompt, device, args.max_new_tokens, args.temperature,
-                                          args.top_k, args.seed, compile=args.compile))
+                                          args.top_k, args.seed, compile=args.compile), system=args.system)
     return 0
 
 
@@ -2861,6 +2898,13 @@ def cmd_eval(args):
         raise ValueError(f"eval {args.task} needs --fewshot-data (the train split, for the few-shot examples)")
     output = Path(args.output or (f"gsm8k-{args.format}.jsonl" if gsm8k else f"{EVAL_NAMES[args.task].lower()}.jsonl"))
     _check_output_file(output)
+    reads = {"--data": args.data, **({"--fewshot-data": args.fewshot_data} if args.fewshot_data else {})}
+    check_apart({"--output": output}, reads)
+    if args.fewshot_data and os.path.realpath(args.fewshot_data) == os.path.realpath(args.data):
+        raise ValueError(f"--fewshot-data {args.fewshot_data} is the --data file: the few-shot examples would be drawn "
+                         f"from the test questions themselves; give the train split")
+    args.model = str(resolve_model(args.model))
+    check_apart({"--output": output}, {"--model": args.model})
     read = read_gsm8k if gsm8k else read_arc
     test = read(args.data)
     train = read(args.fewshot_data) if args.format == "harness" else None
@@ -2895,6 +2939,8 @@ def _add_generation_flags(parser, max_new_tokens):
 
 
 def _add_sampling_flags(parser):
+    parser.add_argument("--system", default="", help="a system message; the chat format has no system tag, so it "
+                        "leads the first user turn, followed by a blank line (as training reads a system turn)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sampling")
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k (>= 1) most likely tokens")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
@@ -2982,16 +3028,23 @@ def build_parser():
 
 def main(argv=None):
     """Every command behind one error boundary: an expected failure is one `error:` line on stderr and exit code 1
-    (argparse's usage errors: 2), an interruption one line and 130 (143 for SIGTERM), never a traceback."""
+    (argparse's usage errors: 2), an interruption one line and 130 (143 for SIGTERM), never a traceback; a failure
+    nobody anticipated is one `error: internal error` line and 1 (REMASK_TRACEBACK=1 shows its traceback)."""
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (TrainError, DataError, ValueError, OSError) as e:
+    except (TrainError, DataError, DownloadError, ValueError, OSError) as e:
         print(error_line(e), file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
         print(f"interrupted ({e or 'SIGINT'})", file=sys.stderr)
         return getattr(e, "exit_code", 130)
+    except Exception as e:  # the last boundary: what nobody anticipated is one line too, the traceback on request
+        if os.environ.get("REMASK_TRACEBACK") == "1":
+            raise
+        print(f"error: internal error: {type(e).__name__}: {e} (set REMASK_TRACEBACK=1 to see the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ and compares the result with a run that was never killed.
 
 reads one request a line from stdin, [stage, the TrainConfig's fields] as JSON, and prints the exit code of each run
 (-9: killed). It imports remask once and forks a child per run (a fork of a process that never ran torch's thread
-pools is safe); the child patches remask's torch.save, write_checksums and shutil.rmtree to kill itself at its
-stage: "model/ written", "trainer.pt written", "checksums.json half written" or "rotation" (the checkpoint of step 1
+pools is safe); the child replaces remask's write_trainer_state and write_checksums and model's _delete (named
+seams of the code) with versions that kill it at its stage: "model/ written", "trainer.pt written", "checksums.json half written" or "rotation" (the checkpoint of step 1
 partly deleted)."""
 import json
 import os
@@ -16,7 +16,8 @@ import sys
 import traceback
 
 sys.path.insert(0, sys.argv[1])
-import remask  # noqa: E402 (from the repository root given on the command line)
+import model  # noqa: E402 (from the repository root given on the command line)
+import remask  # noqa: E402
 
 saving = ".step-000003."  # the temporary directory of the save of step 3
 
@@ -26,13 +27,13 @@ def die():
 
 
 def run(stage, settings):
-    real_save, real_checksums, real_rmtree = remask.torch.save, remask.write_checksums, remask.shutil.rmtree
+    real_trainer_state, real_checksums, real_delete = remask.write_trainer_state, remask.write_checksums, model._delete
 
-    def save(obj, file, *args, **kwargs):
-        if stage == "model/ written" and saving in str(file):
+    def write_trainer_state(directory, *args, **kwargs):
+        if stage == "model/ written" and saving in str(directory):
             die()
-        real_save(obj, file, *args, **kwargs)
-        if stage == "trainer.pt written" and saving in str(file):
+        real_trainer_state(directory, *args, **kwargs)
+        if stage == "trainer.pt written" and saving in str(directory):
             die()
 
     def write_checksums(directory):
@@ -42,13 +43,14 @@ def run(stage, settings):
             (directory / "checksums.json").write_text(text[:len(text) // 2])
             die()
 
-    def rmtree(path, *args, **kwargs):
+    def delete(path):
         if stage == "rotation" and path.name.startswith(".step-000001."):
-            next(f for f in path.rglob("*") if f.is_file()).unlink()  # part of the old checkpoint deleted
+            next(f for f in path.rglob("*") if f.is_file() and f.name != model.OWNER).unlink()  # partly deleted
             die()
-        real_rmtree(path, *args, **kwargs)
+        real_delete(path)
 
-    remask.torch.save, remask.write_checksums, remask.shutil.rmtree = save, write_checksums, rmtree
+    # remask's and model.py's named seams: what a save does at each stage
+    remask.write_trainer_state, remask.write_checksums, model._delete = write_trainer_state, write_checksums, delete
     remask.train(remask.TrainConfig(**settings), log=lambda message: None)
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import data
+import model as M
 import remask
 from conftest import (STABLELM_TINY, assert_same_weights, assert_weights_close, fail_micro_step, quiet, run_metrics,
                       run_weights, tiny_config)
@@ -178,20 +179,23 @@ def test_a_killed_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeyp
     remask.train(cfg, log=quiet)
     assert [p.name for p in remask.checkpoints(cfg.out)] == ["step-000002", "step-000003"]  # the last K kept
     # a save killed mid-way (here: the optimizer file fails after the model is written)
-    monkeypatch.setattr(remask.torch, "save", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(remask, "write_trainer_state", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     model = remask.StableLM.from_pretrained(remask.checkpoints(cfg.out)[-1] / "model")
     with pytest.raises(OSError, match="disk full"):
         remask.save_checkpoint(cfg.out, 4, model, data.embedded_tokenizer(), torch.optim.SGD(model.parameters()),
                                cfg, keep=2, data=remask.data_fingerprint([]))
     monkeypatch.undo()
-    # and a save killed without any cleanup: its temporary directory is ignored
+    # and saves killed without any cleanup: their temporary directories are never trained on; the one that carries
+    # remask's proof (its name's token in its owner record) is removed by the next save, a look-alike is left alone
     root = tmp_path / "run" / "checkpoints"
-    partial = root / ".step-000004.tmp-killed"
-    shutil.copytree(root / "step-000003", partial)
-    (partial / "trainer.pt").write_bytes(b"\x80 torn")
+    partial, look_alike = root / ".step-000004.tmp-0123456789abcdef", root / ".step-000004.tmp-killed"
+    for directory in (partial, look_alike):
+        shutil.copytree(root / "step-000003", directory)
+        (directory / "trainer.pt").write_bytes(b"\x80 torn")
+    M.update_owner(partial, {"remask": "checkpoint", "token": "0123456789abcdef"})
     assert [p.name for p in remask.checkpoints(cfg.out)] == ["step-000002", "step-000003"]
     summary = remask.train(replace(cfg, stop_at=0, resume=True), log=quiet)
-    assert summary["step"] == 4 and not partial.exists()
+    assert summary["step"] == 4 and not partial.exists() and look_alike.exists()
     straight = tiny_config(tmp_path, "straight", epochs=2)
     remask.train(straight, log=quiet)
     assert_same_weights(run_weights(cfg.out), run_weights(straight.out))
