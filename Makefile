@@ -48,7 +48,8 @@ quantize: $(ENV)
 
 # Both columns of the card's table; the per-question rows land beside the model directory (MODEL-gsm8k.jsonl, ...).
 EVAL_DATA = $(or $(DATA),data)
-EVAL_OUT = $(patsubst %/,%,$(MODEL))
+# A directory: beside it; a Hub id (org/name): under eval/ as org--name-gsm8k.jsonl, ...
+EVAL_OUT = $(if $(wildcard $(MODEL)/.),$(patsubst %/,%,$(MODEL)),eval/$(subst /,--,$(MODEL)))
 eval: $(ENV)
 	@test -n "$(MODEL)" || { echo "usage: make eval MODEL=DIR [DATA=data]"; exit 2; }
 	$(PYTHON) remask.py eval gsm8k --model $(MODEL) --data $(EVAL_DATA)/gsm8k-test.jsonl \
