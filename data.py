@@ -648,16 +648,24 @@ def read_records(path, skip_bad: bool = False):
 
 
 def mixture_parts(spec: str) -> list:
-    """`a.jsonl,b.jsonl:1000` -> [('a.jsonl', None), ('b.jsonl', 1000)]: each file and how many rows to draw."""
+    """`a.jsonl,b.jsonl:1000` -> [('a.jsonl', None), ('b.jsonl', 1000)]: each file and how many rows to draw.
+    Any other ':' suffix is part of a file name, unless no such file exists but the name before the ':' does."""
     parts = []
     for part in (p.strip() for p in spec.split(",")):
         if not part:
             raise DataError(f"empty entry in data spec {spec!r}")
-        path, _, count = part.rpartition(":")
-        path, count = (path, int(count)) if path and count.isdigit() else (part, None)
-        if count == 0:
-            raise DataError(f"{path}: the spec {part!r} asks for 0 rows (leave the file out instead)")
-        parts.append((path, count))
+        path, colon, count = part.rpartition(":")
+        if path and re.fullmatch(r"[0-9]+", count):  # ASCII digits: str.isdigit() also takes '²' and '١'
+            if len(count.lstrip("0")) > 18:  # more rows than any file holds (int() refuses 4300 digits)
+                raise DataError(f"{path}: the spec asks for a {len(count.lstrip('0'))}-digit number of rows")
+            if int(count) == 0:
+                raise DataError(f"{path}: the spec {part!r} asks for 0 rows (leave the file out instead)")
+            parts.append((path, int(count)))
+        elif colon and not os.path.exists(os.path.expanduser(part)) and os.path.isfile(os.path.expanduser(path)):
+            raise DataError(f"{part}: {_shown(colon + count)} is not a row count (the spec is FILE or FILE:N, "
+                            f"N >= 1 rows drawn with the seed; {path} exists, {part} does not)")
+        else:
+            parts.append((part, None))
     return parts
 
 
@@ -1032,29 +1040,43 @@ class DownloadError(RuntimeError):
 
 
 def _get_json(url: str, retries: int, backoff: float, timeout: float, log) -> dict:
-    """GET a JSON document; server errors, rate limits, timeouts and cut connections are retried with
-    exponential back-off, other client errors fail at once with the server's message."""
+    """GET a JSON document: each attempt's whole answer within `timeout` seconds, however slowly it comes (the
+    connection and each read of the status and headers have that timeout too); server errors, rate limits, timeouts
+    and cut connections are retried with exponential back-off, other client errors fail at once with the server's
+    message."""
     last = ""
     for attempt in range(retries + 1):
         if attempt:
             delay = backoff * 2 ** (attempt - 1)
             log(f"  retry {attempt}/{retries} in {delay:g}s after: {last}")
             time.sleep(delay)
+        deadline = time.monotonic() + timeout
         try:
             request = urllib.request.Request(url, headers={"User-Agent": "remask-data/1"})
             with urllib.request.urlopen(request, timeout=timeout) as response:
-                return json.loads(response.read().decode("utf-8"))
+                return json.loads(_read_body(response, deadline, timeout).decode("utf-8"))
         except urllib.error.HTTPError as e:
             try:
-                message = json.loads(e.read().decode("utf-8")).get("error", "")
-            except (ValueError, AttributeError, OSError, http.client.HTTPException):
+                message = json.loads(_read_body(e, deadline, timeout).decode("utf-8")).get("error", "")
+            except (ValueError, AttributeError, OSError, http.client.HTTPException, RecursionError):
                 message = ""
             last = f"HTTP {e.code} {message or e.reason}".strip()
             if e.code != 429 and e.code < 500:
                 raise DownloadError(f"{url}: {last}") from None
-        except (OSError, http.client.HTTPException, ValueError) as e:  # URLError, timeouts, resets, torn JSON
+        except (OSError, http.client.HTTPException, ValueError, RecursionError) as e:  # refused, cut, late, bad JSON
             last = f"{type(e).__name__}: {e}"
     raise DownloadError(f"{url}: gave up after {retries + 1} attempts ({last})")
+
+
+def _read_body(response, deadline: float, timeout: float) -> bytes:
+    """A response's body, read as it comes (read1: one socket read at a time), until EOF or the monotonic deadline:
+    the socket's timeout bounds each read, so a server sending one byte at a time would never meet it."""
+    chunks = []
+    while chunk := response.read1(1 << 16):
+        chunks.append(chunk)
+        if time.monotonic() > deadline:  # a TimeoutError (an OSError): retried like any timeout
+            raise TimeoutError(f"the answer took more than {timeout:g}s ({sum(map(len, chunks))} bytes so far)")
+    return b"".join(chunks)
 
 
 def _complete_rows(partial: Path) -> int:
@@ -1078,13 +1100,13 @@ def download_split(dataset: str, config: str, split: str, path: Path, endpoint: 
                    retries: int = 6, backoff: float = 1.0, timeout: float = 60.0, log=print) -> Path:
     """Fetch one split into `path` (JSON Lines of the row objects). Rows go to `path.partial` page by page;
     an interrupted run resumes from its row count; the file is renamed into place when every row is there.
-    A failure keeps the .partial file only if it holds rows, and says how many."""
+    A failure or a signal keeps the .partial file only if it holds rows, and says how many."""
     partial = partial_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    offset = _complete_rows(partial)
-    if offset:
-        log(f"{path.name}: resuming at row {offset}")
     try:
+        offset = _complete_rows(partial)  # (inside: cutting a torn line may leave an empty file to remove)
+        if offset:
+            log(f"{path.name}: resuming at row {offset}")
         total = _fetch_rows(dataset, config, split, path, offset, endpoint, retries, backoff, timeout, log)
     except BaseException as e:
         kept = _complete_rows(partial)
@@ -1099,7 +1121,10 @@ def download_split(dataset: str, config: str, split: str, path: Path, endpoint: 
         raise DownloadError(f"{e} ({note}{resume})", e.resumable) from None
     if _complete_rows(partial) != total:
         raise DownloadError(f"{partial}: expected {total} rows, found {_complete_rows(partial)}", False)
-    os.replace(partial, path)
+    if total:
+        os.replace(partial, path)
+    else:  # an empty split: no row made a .partial file
+        atomic_write(path, b"")
     return path
 
 
@@ -1108,46 +1133,56 @@ def _fetch_rows(dataset: str, config: str, split: str, path: Path, offset: int, 
     """Append the split's rows from `offset` on to path's .partial file, one page at a time; returns the split's
     row count."""
     total, first, started, pages = None, offset, time.time(), 0
-    with open(partial_path(path), "ab") as f:
-        while total is None or offset < total:
-            query = urllib.parse.urlencode(dict(dataset=dataset, config=config, split=split, offset=offset,
-                                                length=PAGE_ROWS))
-            url = f"{endpoint.rstrip('/')}/rows?{query}"
-            page = _get_json(url, retries, backoff, timeout, log)
-            if not isinstance(page, dict) or not isinstance(page.get("rows"), list) \
-                    or not isinstance(page.get("num_rows_total"), int):
-                raise DownloadError(f"{url}: unexpected answer (no rows/num_rows_total): {str(page)[:200]}")
-            if page.get("partial"):
-                raise DownloadError(f"{url}: the dataset viewer serves only part of {dataset} {split}; "
-                                    "download its parquet files from the hub instead", False)
-            total, rows = page["num_rows_total"], page["rows"]
-            if offset > total:
-                raise DownloadError(f"{dataset} {split} has {total} rows, fewer than the {offset} fetched before: "
-                                    "it changed since; --force fetches it again", False)
-            if not rows and offset < total:
-                raise DownloadError(f"{url}: no rows returned at offset {offset} of {total}")
-            lines = []
-            for i, item in enumerate(rows):
-                if not isinstance(item, dict) or item.get("row_idx") != offset + i \
-                        or not isinstance(item.get("row"), dict):
-                    raise DownloadError(f"{url}: expected row {offset + i}, got {str(item)[:200]}")
-                if item.get("truncated_cells"):
-                    cut = [f"row {r['row_idx']} ({', '.join(r['truncated_cells'])})"
-                           for r in rows[i:] if r.get("truncated_cells")]
-                    f.write(b"".join(lines))  # keep the whole rows before the first cut one
-                    raise DownloadError(
-                        f"{dataset} {split}: the dataset viewer truncated {'; '.join(cut)}; such rows cannot be "
-                        f"fetched whole through /rows. Fetch the split's parquet files from the hub and convert "
-                        f"them to {path.name} instead", False)
-                lines.append(json.dumps(item["row"], ensure_ascii=False).encode() + b"\n")
-            f.write(b"".join(lines))
-            f.flush()
-            os.fsync(f.fileno())  # a page is on disk before the offset it implies is used again
-            offset, pages = offset + len(rows), pages + 1
-            if pages % 10 == 0 or offset >= total:
-                rate = (offset - first) / max(time.time() - started, 1e-9)
-                log(f"{path.name}: {offset}/{total} rows ({100 * offset / max(total, 1):.1f}%, {rate:.0f} rows/s)")
+    while total is None or offset < total:
+        query = urllib.parse.urlencode(dict(dataset=dataset, config=config, split=split, offset=offset,
+                                            length=PAGE_ROWS))
+        url = f"{endpoint.rstrip('/')}/rows?{query}"
+        page = _get_json(url, retries, backoff, timeout, log)
+        if not isinstance(page, dict) or not isinstance(page.get("rows"), list) \
+                or not isinstance(page.get("num_rows_total"), int) or page["num_rows_total"] < 0:
+            raise DownloadError(f"{url}: unexpected answer (no rows/num_rows_total): {str(page)[:200]}")
+        if page.get("partial"):
+            raise DownloadError(f"{url}: the dataset viewer serves only part of {dataset} {split}; "
+                                "download its parquet files from the hub instead", False)
+        total, rows = page["num_rows_total"], page["rows"]
+        if offset > total:
+            raise DownloadError(f"{dataset} {split} has {total} rows, fewer than the {offset} fetched before: "
+                                "it changed since; --force fetches it again", False)
+        if not rows and offset < total:
+            raise DownloadError(f"{url}: no rows returned at offset {offset} of {total}")
+        for i, item in enumerate(rows):  # all checked before any is written
+            if not isinstance(item, dict) or item.get("row_idx") != offset + i \
+                    or not isinstance(item.get("row"), dict) or not isinstance(item.get("truncated_cells", []), list):
+                raise DownloadError(f"{url}: expected row {offset + i}, got {str(item)[:200]}")
+        lines = []
+        for i, item in enumerate(rows):
+            if item.get("truncated_cells"):
+                cut = [f"row {r['row_idx']} ({', '.join(map(str, r['truncated_cells']))})"
+                       for r in rows[i:] if r.get("truncated_cells")]
+                _append(partial_path(path), lines)  # keep the whole rows before the first cut one
+                raise DownloadError(
+                    f"{dataset} {split}: the dataset viewer truncated {'; '.join(cut)}; such rows cannot be "
+                    f"fetched whole through /rows. Fetch the split's parquet files from the hub and convert "
+                    f"them to {path.name} instead", False)
+            # a lone surrogate ("\\ud800": JSON, not UTF-8) stays the JSON escape it came as
+            lines.append(json.dumps(item["row"], ensure_ascii=False).encode("utf-8", "backslashreplace") + b"\n")
+        _append(partial_path(path), lines)
+        offset, pages = offset + len(rows), pages + 1
+        if pages % 10 == 0 or offset >= total:
+            rate = (offset - first) / max(time.time() - started, 1e-9)
+            log(f"{path.name}: {offset}/{total} rows ({100 * offset / max(total, 1):.1f}%, {rate:.0f} rows/s)")
     return total
+
+
+def _append(partial: Path, lines: list):
+    """Append whole rows to a .partial file, on disk before the offset they imply is used again. The file is
+    created with its first rows, so a signal (even SIGKILL) before any row arrives leaves none behind."""
+    if not lines:
+        return
+    with open(partial, "ab") as f:
+        f.write(b"".join(lines))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def download(name: str, out_dir, endpoint: str = DEFAULT_ENDPOINT, retries: int = 6, backoff: float = 1.0,
@@ -2205,11 +2240,12 @@ def main(argv=None):
     get.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help="datasets: dataset viewer base URL")
     get.add_argument("--retries", type=int, default=6, help="retries per request (exponential back-off)")
     get.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds, doubled each time")
-    get.add_argument("--timeout", type=float, default=60.0, help="seconds per request (a model file's body: per "
-                     "64 KiB of it, so a stalled or trickling server is retried)")
+    get.add_argument("--timeout", type=float, default=60.0, help="seconds per request for the whole answer, however "
+                     "slowly it comes (a model file's body: per 64 KiB of it); then retried")
     get.add_argument("--force", action="store_true", help="datasets: fetch again even if the file exists")
     args = parser.parse_args(argv)
-    # one error boundary: bad flags exit 2 (as argparse's own errors), failures of the work exit 1
+    # one error boundary: bad flags exit 2 (as argparse's own errors), failures of the work exit 1, and so does
+    # the last boundary: an exception no check anticipated (a bug) is one line, its traceback on request
     try:
         problem = _flag_problem(args)
         if problem:
@@ -2230,6 +2266,11 @@ def main(argv=None):
         _fail(str(e), 1)
     except OSError as e:
         _fail(f"{e.filename}: {e.strerror}" if e.filename else str(e), 1)
+    except Exception as e:
+        if os.environ.get("REMASK_TRACEBACK", "") not in ("", "0"):
+            raise
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        _fail(f"internal error: {type(e).__name__}: {first_line} (set REMASK_TRACEBACK=1 to see the traceback)", 1)
 
 
 if __name__ == "__main__":

@@ -431,9 +431,64 @@ def generate(model, input_ids, max_new_tokens, temperature=0.0, top_k=None, stop
 # ----------------------------------------------------------------------------- Hugging Face I/O
 
 
+# safetensors' names of the float dtypes a checkpoint may store, and torch's (what config.json's torch_dtype says)
+FLOAT_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+# the largest value of each size: more layers or heads than any published model (Llama 3.1 405B has 126 and 128)
+# would build millions of modules before the checkpoint could refuse them; widths up to 2**24 keep every tensor's
+# byte count within int64
+SIZE_LIMITS = {**dict.fromkeys(("num_hidden_layers", "num_attention_heads", "num_key_value_heads"), 1024),
+               **dict.fromkeys(("vocab_size", "hidden_size", "intermediate_size", "max_position_embeddings"), 2**24)}
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)  # JSON's true is a Python int too
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_token_id(v):
+    return _is_int(v) and v >= 0
+
+
+FIELD_CHECKS = {  # (what it must be, test) of every Config field but torch_dtype (_dtype_name), as config.json has it
+    **{name: ("a positive int", lambda v: _is_int(v) and v > 0) for name in SIZE_LIMITS},
+    "rope_theta": ("a finite number > 0", lambda v: _is_number(v) and v > 0),
+    "partial_rotary_factor": ("a number from 0 to 1", lambda v: _is_number(v) and 0 <= v <= 1),
+    "layer_norm_eps": ("a finite number >= 0", lambda v: _is_number(v) and v >= 0),
+    **{name: ("true or false", lambda v: isinstance(v, bool))
+       for name in ("use_qkv_bias", "qk_layernorm", "use_parallel_residual", "tie_word_embeddings")},
+    "bos_token_id": ("a token id (an int >= 0) or null", lambda v: v is None or _is_token_id(v)),
+    "eos_token_id": ("a token id (an int >= 0), a non-empty list of them, or null",
+                     lambda v: v is None or _is_token_id(v) or isinstance(v, list) and v and all(map(_is_token_id, v))),
+    "quantization_config": ("an object or null", lambda v: v is None or isinstance(v, dict)),
+}
+
+
+def _shown(value, limit=120):
+    """repr(value), cut to `limit` characters: a config.json may hold a megabyte where a number belongs."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _dtype_name(d, source):
+    """config.json's dtype as a torch dtype name, or "auto": the stored weights' dtype, which load_pretrained fills in
+    (also when the config names none). transformers 4 writes it as torch_dtype, 5 as dtype, both as "bfloat16", and
+    a string it was given ("auto", "torch.bfloat16") as it was given."""
+    key = next((k for k in ("torch_dtype", "dtype") if d.get(k) is not None), None)
+    value = "auto" if key is None else d[key]
+    name = value.removeprefix("torch.") if isinstance(value, str) else None
+    if name != "auto" and name not in FLOAT_DTYPES.values():
+        raise ValueError(f"{source}: {key} must be one of {', '.join(map(repr, FLOAT_DTYPES.values()))} or 'auto', "
+                         f"got {value!r}")
+    return name
+
+
 def config_from_dict(d, source="config"):
     """A Config from the contents of a config.json, in any of its spellings: hub files (top-level rope keys),
-    transformers 5 (nested rope_parameters), stablelm_epoch."""
+    transformers 5 (nested rope_parameters), stablelm_epoch. Every field's type and range is checked here, by name:
+    JSON holds any type, and a string where a size belongs must fail before anything is built from it."""
     if not isinstance(d, dict):
         raise ValueError(f"{source}: a config must be a JSON object, got {type(d).__name__}")
     d = dict(d)
@@ -444,22 +499,22 @@ def config_from_dict(d, source="config"):
         if old in d:
             d[new] = d.pop(old)
     rope = d.pop("rope_parameters", None) or {}
+    if not isinstance(rope, dict):
+        raise ValueError(f"{source}: rope_parameters must be an object, got {_shown(rope)}")
     if rope.get("rope_type", "default") != "default" or d.get("rope_scaling"):
         raise ValueError(f"{source}: rope scaling ({rope or d.get('rope_scaling')}) is not supported")
     d.update({k: rope[k] for k in ("rope_theta", "partial_rotary_factor") if k in rope})
     if d.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{source}: hidden_act {d['hidden_act']!r} is not supported (StableLM uses 'silu')")
     d.setdefault("num_key_value_heads", d.get("num_attention_heads", Config.num_attention_heads))
-    d["torch_dtype"] = d.get("torch_dtype") or d.get("dtype") or "float32"  # transformers 5 writes "dtype"
+    d["torch_dtype"] = _dtype_name(d, source)
     given = {f.name: d[f.name] for f in fields(Config) if f.name in d}
-    checks = {int: ("a positive int", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
-              float: ("a finite number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-                      and math.isfinite(v)),
-              bool: ("true or false", lambda v: isinstance(v, bool))}
-    for name, value in given.items():  # JSON holds any type: a string where a size belongs fails here, by name
-        what, ok = checks.get(Config.__dataclass_fields__[name].type, ("", lambda v: True))
-        if not ok(value):
-            raise ValueError(f"{source}: {name} must be {what}, got {value!r}")
+    for name, (what, ok) in FIELD_CHECKS.items():
+        if name in given and not ok(given[name]):
+            raise ValueError(f"{source}: {name} must be {what}, got {_shown(given[name])}")
+        if name in given and name in SIZE_LIMITS and given[name] > SIZE_LIMITS[name]:
+            raise ValueError(f"{source}: {name} {_shown(given[name])} is more than {SIZE_LIMITS[name]}, the most this "
+                             f"code builds (far beyond any published model)")
     try:
         return Config(**given)
     except ValueError as e:
@@ -470,11 +525,16 @@ def config_from_json(path):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such config file (a Hugging Face model directory has config.json)")
+    return config_from_dict(_read_json(path), source=str(path))
+
+
+def _read_json(path):
+    """A JSON file's contents; ValueError naming the file when it is not UTF-8 JSON that Python can hold (nested
+    beyond the recursion limit, or an int of more than 4300 digits)."""
     try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ValueError(f"{path}: not valid JSON ({e})") from None
-    return config_from_dict(d, source=str(path))
 
 
 def config_to_dict(config):
@@ -489,8 +549,10 @@ def config_to_dict(config):
 def load_pretrained(path, dtype=None, device=None):
     """Load a Hugging Face StableLM directory. dtype casts floating weights (None keeps the stored dtype); int8
     weights and their fp32 scales stay as stored. Built on the meta device and filled file by file, so the
-    weights are in memory once. Every floating tensor must be finite (checked as it is read). Reading changes
-    nothing: what a killed save_pretrained left beside `path` is put right by the next write there."""
+    weights are in memory once. Every floating tensor must be finite (checked as it is read). A config.json whose
+    dtype is "auto" (or missing) gets the stored embedding's dtype, so getattr(torch, config.torch_dtype) is always a
+    dtype. Reading changes nothing: what a killed save_pretrained left beside `path` is put right by the next write
+    there."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such model directory{killed_write_note(path)}")
@@ -504,7 +566,9 @@ def load_pretrained(path, dtype=None, device=None):
     expected = model.state_dict()
     if config.tie_word_embeddings:
         del expected["lm_head.weight"]  # tied files carry only the embedding (a stray copy is ignored below)
-    _check_checkpoint(path, files, index, expected, int8)
+    stored = _check_checkpoint(path, files, index, expected, int8)
+    if config.torch_dtype == "auto":  # as transformers' "auto": what the weights are stored in
+        config.torch_dtype = FLOAT_DTYPES[stored["model.embed_tokens.weight"]]
     for file in files:
         with _open(file, device) as st:
             shard = {}
@@ -524,10 +588,7 @@ def _weight_files(path):
     """The safetensors files of a checkpoint directory and its index's weight map (None when unsharded)."""
     index_file = path / "model.safetensors.index.json"
     if index_file.is_file():
-        try:
-            weight_map = json.loads(index_file.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index_file}: not a safetensors index ({e!r})") from None
+        weight_map = _read_index(index_file)
         files = [path / f for f in sorted(set(weight_map.values()))]
         for f in files:
             if not f.is_file():
@@ -537,6 +598,26 @@ def _weight_files(path):
         return [path / "model.safetensors"], None
     raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
                             f"(only safetensors checkpoints are supported)")
+
+
+def _read_index(index_file):
+    """The weight map {tensor name: file name} of a model.safetensors.index.json, checked: file names are plain
+    names of files beside the index (nothing outside the directory is read), metadata.total_size is an int."""
+    index = _read_json(index_file)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index_file}: not a safetensors index (expected an object whose weight_map is an object "
+                         f"of tensor name -> file name)")
+    for name, file in weight_map.items():
+        if not isinstance(file, str) or file in ("", ".", "..") or any(c in file for c in "/\\\0"):
+            raise ValueError(f"{index_file}: weight_map gives {_shown(name)} the file {_shown(file)}: expected the "
+                             f"name of a file in the same directory")
+    metadata = index.get("metadata", {})
+    if not isinstance(metadata, dict) or not _is_int(metadata.get("total_size", 0)) \
+            or metadata.get("total_size", 0) < 0:
+        raise ValueError(f"{index_file}: metadata must be an object whose total_size (if any) is an int >= 0, got "
+                         f"{_shown(metadata)}")
+    return weight_map
 
 
 def _open(file, device=None):
@@ -552,9 +633,15 @@ def _swap_in_int8(model, qconfig, source):
             or qconfig.get("llm_int8_has_fp16_weight"):
         raise ValueError(f"{source}: quantization_config is not bitsandbytes LLM.int8 with int8 weights "
                          f"(load_in_8bit true, llm_int8_has_fp16_weight false): {qconfig}")
-    skip = qconfig.get("llm_int8_skip_modules")
+    skip, threshold = qconfig.get("llm_int8_skip_modules"), qconfig.get("llm_int8_threshold", 6.0)
     if skip is None:
         skip = ["lm_head"]  # transformers' default keeps the output layer float; [] quantizes every linear
+    if not isinstance(skip, list) or not all(isinstance(s, str) for s in skip):
+        raise ValueError(f"{source}: quantization_config.llm_int8_skip_modules must be a list of module names or "
+                         f"null, got {_shown(skip)}")
+    if not (_is_number(threshold) and threshold >= 0):
+        raise ValueError(f"{source}: quantization_config.llm_int8_threshold must be a finite number >= 0, got "
+                         f"{_shown(threshold)}")
     names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)
              and not any(name == s or f"{s}." in f"{name}." for s in skip)]  # transformers' name matching
     for name in names:
@@ -562,22 +649,27 @@ def _swap_in_int8(model, qconfig, source):
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, quantize.Int8Linear(
             linear.in_features, linear.out_features, bias=linear.bias is not None,
-            threshold=float(qconfig.get("llm_int8_threshold", 6.0)), device="meta", dtype=linear.weight.dtype))
+            threshold=float(threshold), device="meta", dtype=linear.weight.dtype))
     return set(names)
 
 
 def _check_checkpoint(path, files, index, expected, int8):
-    """Compare every name, shape and dtype in the files' headers with the model before any data is read."""
-    found, problems = {}, []
+    """Compare every name, shape and dtype in the files' headers with the model before any data is read; returns
+    {tensor name: safetensors dtype} of what the files hold."""
+    found, stored, problems = {}, {}, []
     for file in files:
         with _open(file) as st:
             for name in st.keys():
                 sl = st.get_slice(name)
                 shape, dtype = list(sl.get_shape()), sl.get_dtype()
-                found[name] = file
+                if name in found:
+                    problems.append(f"{name} is in both {found[name]} and {file}")
+                found[name], stored[name] = file, dtype
                 module = name.rsplit(".", 1)[0]
                 if name.endswith(".weight_format") and module in int8:
-                    if (layout := st.get_tensor(name).item()) != 0:
+                    if math.prod(shape) != 1:
+                        problems.append(f"{name} in {file} has shape {shape}: a layout is one number (0: row-major)")
+                    elif (layout := st.get_tensor(name).item()) != 0:
                         problems.append(f"{name} in {file} is {layout}: an old tiled int8 layout (col32/turing/"
                                         f"ampere), not row-major (0); re-save it with bitsandbytes >= 0.44")
                 elif name in expected:
@@ -585,7 +677,7 @@ def _check_checkpoint(path, files, index, expected, int8):
                     if shape != list(want.shape):
                         problems.append(f"{name} in {file} has shape {shape}, the model expects {list(want.shape)}")
                     is_int8 = name.endswith(".weight") and module in int8
-                    if (dtype == "I8") != is_int8 or not (is_int8 or dtype in ("F16", "BF16", "F32", "F64")):
+                    if (dtype == "I8") != is_int8 or not (is_int8 or dtype in FLOAT_DTYPES):
                         problems.append(f"{name} in {file} has dtype {dtype}, the model expects "
                                         f"{'I8' if is_int8 else 'a float'}")
                 elif name != "lm_head.weight":  # (a tied checkpoint's stray lm_head copy is ignored)
@@ -600,6 +692,7 @@ def _check_checkpoint(path, files, index, expected, int8):
         problems += [f"{name} listed in the index is in none of the files" for name in index if name not in found]
     if problems:
         raise ValueError(f"{path}: checkpoint does not match its config.json:\n  " + "\n  ".join(problems))
+    return stored
 
 
 def _check_finite(t, name, file):

@@ -28,6 +28,7 @@ int8_mixed_scaled_mm (default backend); transformers' bitsandbytes integration (
 """
 import argparse
 import math
+import os
 import shutil
 import sys
 import time
@@ -285,6 +286,13 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(f"interrupted: {args.out_dir} holds what it held before, or the whole new copy", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:  # the last boundary: an exception no check anticipated (a bug), its traceback on request
+        if os.environ.get("REMASK_TRACEBACK", "") not in ("", "0"):
+            raise
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        print(f"error: internal error: {type(e).__name__}: {first_line} (set REMASK_TRACEBACK=1 to see the "
+              f"traceback)", file=sys.stderr)
+        sys.exit(1)
 
 
 def convert(args):

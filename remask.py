@@ -77,12 +77,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from data import (ARC_FEWSHOT, ARC_SEED, GSM8K_MAX_NEW_TOKENS, GSM8K_STOP, IGNORE_INDEX, MODES, PAD_ID, CoTRecord,
-                  DataError, DownloadError, Loader, MaskConfig, Tokenizer, addition_cot, arc_contexts, arc_continuations,
-                  atomic_write, chat_prompt, collate, cot_prompt, cut_at_stop, describe_fit, embedded_dataset,
-                  embedded_tokenizer, encode_many, encode_pair, extract_answer, fit_length, format_record,
-                  describe_overlap, gsm8k_prompts, load_tokenizer, mask_example, mixture_parts, overlap, read_arc,
-                  read_eval_set, read_gsm8k, read_mixture, resolve_model, round_up, score_arc,
-                  score_gsm8k)
+                  DataError, DownloadError, Loader, MaskConfig, Tokenizer, addition_cot, arc_contexts,
+                  arc_continuations, atomic_write, chat_prompt, collate, cot_prompt, cut_at_stop, describe_fit,
+                  embedded_dataset, embedded_tokenizer, encode_many, encode_pair, extract_answer, fit_length,
+                  format_record, describe_overlap, gsm8k_prompts, load_tokenizer, mask_example, mixture_parts, overlap,
+                  read_arc, read_eval_set, read_gsm8k, read_mixture, resolve_model, round_up, score_arc, score_gsm8k)
 from model import (CONFIGS, OWNER, Config, StableLM, check_apart, check_replaceable, generate, make_owned, owner,
                    recover_directory, remove_directory, update_owner, write_directory)
 
@@ -1762,8 +1761,8 @@ def check_run_directory(cfg) -> list:
 
 def claim_run_directory(cfg, previous, log, held):
     """Rank 0 makes --out this run's (a missing one is made and locked here, held until the run ends): a fresh run
-    deletes what the directory's record says an earlier run wrote (an overwritten run's checkpoints among them) and records what it
-    writes; train.log starts with the lines logged so far, or a resumed run appends to its own."""
+    deletes what the directory's record says an earlier run wrote (an overwritten run's checkpoints among them) and
+    records what it writes; train.log starts with the lines logged so far, or a resumed run appends to its own."""
     out = Path(cfg.out).expanduser()
     if not out.exists():
         make_owned(out, "run", wrote=[])
@@ -3040,7 +3039,7 @@ def main(argv=None):
         print(f"interrupted ({e or 'SIGINT'})", file=sys.stderr)
         return getattr(e, "exit_code", 130)
     except Exception as e:  # the last boundary: what nobody anticipated is one line too, the traceback on request
-        if os.environ.get("REMASK_TRACEBACK") == "1":
+        if os.environ.get("REMASK_TRACEBACK", "") not in ("", "0"):
             raise
         print(f"error: internal error: {type(e).__name__}: {e} (set REMASK_TRACEBACK=1 to see the traceback)",
               file=sys.stderr)

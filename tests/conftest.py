@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import threading
+import time
 from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -144,22 +145,33 @@ def save_tiny_model(tok, path):
 @pytest.fixture
 def viewer():
     """A server holding tables {(dataset, config, split): rows}. `state.script` is a list of faults served to
-    the next requests in turn ("500", "429", "cut": half a body then a closed connection); `state.down_from`
-    makes every request at or past that offset fail with 503."""
-    state = SimpleNamespace(tables={}, script=[], down_from=None, truncated={}, requests=[])
+    the next requests in turn ("500", "429", "cut": half a body then a closed connection, "drip": the body one
+    byte per 0.2 s); `state.down_from` makes every request at or past that offset fail with 503; `state.edit`
+    changes each page before it is sent."""
+    state = SimpleNamespace(tables={}, script=[], down_from=None, truncated={}, requests=[], edit=lambda page: page)
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args):
             pass
 
-        def reply(self, code, body, cut=False):
+        def reply(self, code, body, fault=None):
             raw = json.dumps(body).encode()
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(raw)))
             self.end_headers()
-            self.wfile.write(raw[:len(raw) // 2] if cut else raw)
-            self.close_connection = cut
+            if fault == "drip":
+                try:
+                    for i in range(len(raw)):
+                        self.wfile.write(raw[i:i + 1])
+                        self.wfile.flush()
+                        time.sleep(0.2)
+                except OSError:  # the client gave up and closed the connection
+                    pass
+                self.close_connection = True
+                return
+            self.wfile.write(raw[:len(raw) // 2] if fault == "cut" else raw)
+            self.close_connection = fault == "cut"
 
         def do_GET(self):
             url = urlparse(self.path)
@@ -171,6 +183,8 @@ def viewer():
             offset, length = int(q["offset"]), int(q["length"])
             if fault in ("500", "429"):
                 return self.reply(int(fault), {"error": "try later"})
+            if fault == "drip 500":
+                return self.reply(500, {"error": "try later, " + "slowly " * 50}, "drip")
             if state.down_from is not None and offset >= state.down_from:
                 return self.reply(503, {"error": "Service unavailable"})
             table = state.tables.get((q["dataset"], q["config"], q["split"]))
@@ -181,9 +195,9 @@ def viewer():
             rows = [{"row_idx": i, "row": table[i], "truncated_cells": state.truncated.get(i, [])}
                     for i in range(offset, min(offset + length, len(table)))]
             features = [{"feature_idx": j, "name": k, "type": {"dtype": "string", "_type": "Value"}}
-                        for j, k in enumerate(table[0])]
-            self.reply(200, {"features": features, "rows": rows, "num_rows_total": len(table),
-                             "num_rows_per_page": 100, "partial": False}, cut=fault == "cut")
+                        for j, k in enumerate(table[0] if table else {})]
+            self.reply(200, state.edit({"features": features, "rows": rows, "num_rows_total": len(table),
+                                        "num_rows_per_page": 100, "partial": False}), fault)
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)

@@ -7,8 +7,8 @@ and compares the result with a run that was never killed.
 reads one request a line from stdin, [stage, the TrainConfig's fields] as JSON, and prints the exit code of each run
 (-9: killed). It imports remask once and forks a child per run (a fork of a process that never ran torch's thread
 pools is safe); the child replaces remask's write_trainer_state and write_checksums and model's _delete (named
-seams of the code) with versions that kill it at its stage: "model/ written", "trainer.pt written", "checksums.json half written" or "rotation" (the checkpoint of step 1
-partly deleted)."""
+seams of the code) with versions that kill it at its stage: "model/ written", "trainer.pt written", "checksums.json
+half written" or "rotation" (the checkpoint of step 1 partly deleted)."""
 import json
 import os
 import signal

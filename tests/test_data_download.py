@@ -1,10 +1,14 @@
-"""data.py downloader against a local stand-in for the dataset viewer's /rows API (conftest.py's viewer fixture,
-127.0.0.1 only): pagination, retries of server errors and cut connections, an interrupted download resumed,
-truncated cells refused, client errors reported, and the atomic final file."""
+"""data.py downloader against a local stand-in for the dataset viewer's /rows API (127.0.0.1 only):
+pagination, retries of server errors and cut connections, an interrupted download resumed, truncated cells
+refused, client errors reported, the atomic final file, a deadline per request that a dripping server cannot
+stretch, and no empty .partial file after a signal."""
+import signal
+import time
+
 import pytest
 
 import data
-from conftest import fetch, quiet, read_jsonl
+from conftest import fetch, read_jsonl
 
 
 def tinycot_rows(n):
@@ -81,7 +85,7 @@ def test_gsm8k_splits_and_client_errors(viewer, tmp_path):
         fetch(viewer, "nope", tmp_path)
     with pytest.raises(data.DownloadError, match="gave up after 2 attempts"):
         data.download("tinycot", tmp_path, "http://127.0.0.1:9", retries=1, backoff=0.0, timeout=2.0,
-                      log=quiet)  # nothing listens on port 9 (discard): connection refused, retried
+                      log=lambda m: None)  # nothing listens on port 9 (discard): connection refused, retried
 
 
 def test_download_command_all(viewer, tmp_path, capsys):
@@ -149,3 +153,60 @@ def test_ctrl_c_keeps_only_a_partial_file_with_rows(viewer, tmp_path, monkeypatc
     partial = tmp_path / "tinycot.jsonl.partial"
     assert logs[-1] == f"tinycot.jsonl: 200 rows are kept in {partial}; the same command resumes after them"
     assert len(read_jsonl(partial)) == 200
+
+
+def test_a_dripping_server_meets_the_deadline_of_the_whole_request(viewer, tmp_path):
+    """A body sent one byte per 0.2 s never lets a per-read timeout expire; the deadline of the whole request does
+    (0.5 s here), for an answer and for an error's body alike, and the request is retried like any timeout."""
+    rows = tinycot_rows(30)
+    viewer.tables[("euclaise/TinyCoT", "default", "train")] = rows
+    viewer.script = ["drip", "drip 500"]  # the first page: a dripping answer, then a dripping error, then served
+    started = time.monotonic()
+    paths, logs = fetch(viewer, "tinycot", tmp_path, timeout=0.5)
+    assert time.monotonic() - started < 5  # the answer alone would take 9 minutes at this rate
+    assert read_jsonl(paths[0]) == rows
+    retries = [m for m in logs if "retry" in m]
+    assert len(retries) == 2 and "TimeoutError: the answer took more than 0.5s" in retries[0]
+    assert "HTTP 500" in retries[1]  # the error's dripping body is cut at the deadline too (message unknown)
+    viewer.script = ["drip"] * 2
+    started = time.monotonic()
+    with pytest.raises(data.DownloadError, match=r"gave up after 2 attempts \(TimeoutError: the answer took more"):
+        fetch(viewer, "tinycot", tmp_path / "again", retries=1, timeout=0.5)
+    assert time.monotonic() - started < 5
+    assert list((tmp_path / "again").iterdir()) == []  # no empty .partial
+
+
+def test_a_signal_during_the_first_request_leaves_no_partial_file(viewer, tmp_path):
+    """Ctrl-C (SIGINT, here from a timer) while the first page is still coming: nothing is kept, not even an empty
+    .partial file; the .partial file appears with the first rows."""
+    viewer.tables[("euclaise/TinyCoT", "default", "train")] = tinycot_rows(30)
+    viewer.script = ["drip"]
+    previous = signal.signal(signal.SIGALRM, lambda *args: signal.default_int_handler(signal.SIGINT, None))
+    signal.setitimer(signal.ITIMER_REAL, 0.5)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            fetch(viewer, "tinycot", tmp_path, timeout=30.0)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_split_and_odd_answers(viewer, tmp_path):
+    """An empty split is an empty file; answers that break the /rows contract are one DownloadError each, and a row
+    holding a lone surrogate (valid JSON, not UTF-8) is written as the JSON escape it came as."""
+    viewer.tables[("openai/gsm8k", "main", "train")] = []
+    viewer.tables[("openai/gsm8k", "main", "test")] = [{"question": "q\ud800", "answer": "#### 1"}]
+    paths, _ = fetch(viewer, "gsm8k", tmp_path)
+    assert paths[0].read_bytes() == b"" and not data.partial_path(paths[0]).exists()
+    assert paths[1].read_bytes() == b'{"question": "q\\ud800", "answer": "#### 1"}\n'
+    assert read_jsonl(paths[1]) == [{"question": "q\ud800", "answer": "#### 1"}]
+    viewer.tables[("euclaise/TinyCoT", "default", "train")] = tinycot_rows(3)
+    for edit, message in [(lambda page: {**page, "num_rows_total": -1}, "unexpected answer"),
+                          (lambda page: {**page, "rows": [{**page["rows"][0], "truncated_cells": "prompt"}]},
+                           "expected row 0, got"),
+                          (lambda page: {**page, "rows": [{**page["rows"][0], "row": [1]}]}, "expected row 0")]:
+        viewer.edit = edit
+        with pytest.raises(data.DownloadError, match=message):
+            fetch(viewer, "tinycot", tmp_path / "odd")
+        assert list((tmp_path / "odd").iterdir()) == []

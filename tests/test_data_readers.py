@@ -111,6 +111,37 @@ def test_mixture_samples_with_the_seed(tmp_path):
         data.read_mixture(f"{tmp_path}/cot.jsonl,,")
 
 
+@pytest.mark.parametrize("spec, message", [
+    ("d.jsonl:abc", "d.jsonl:abc: ':abc' is not a row count (the spec is FILE or FILE:N"),
+    ("d.jsonl:", "d.jsonl:: ':' is not a row count"),
+    ("d.jsonl:-3", "d.jsonl:-3: ':-3' is not a row count"),
+    ("d.jsonl:2.5", "d.jsonl:2.5: ':2.5' is not a row count"),
+    ("d.jsonl:\u00b2", "d.jsonl:\u00b2: ':\u00b2' is not a row count"),  # '²'.isdigit() is True, int('²') fails
+    ("d.jsonl:\u0661\u0662", "d.jsonl:\u0661\u0662: ':\u0661\u0662' is not a row count"),  # Arabic-Indic 12
+    ("d.jsonl:0000", "d.jsonl: the spec 'd.jsonl:0000' asks for 0 rows"),
+    ("d.jsonl:004", "d.jsonl: the spec asks for 4 rows but the file has 3 usable ones"),
+    ("d.jsonl:" + "9" * 30, "d.jsonl: the spec asks for a 30-digit number of rows"),
+    ("d.jsonl:" + "7" * 5000, "d.jsonl: the spec asks for a 5000-digit number of rows"),  # beyond int()'s 4300
+    ("nope.jsonl:abc", "nope.jsonl:abc: no such file"),  # neither name exists: the whole name is missing
+    ("nope.jsonl:5", "nope.jsonl: no such file"),
+])
+def test_a_spec_suffix_that_is_not_a_row_count_says_so(tmp_path, monkeypatch, spec, message):
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "d.jsonl", [TINYCOT] * 3)
+    with pytest.raises(data.DataError) as error:
+        data.read_mixture(spec, log=lambda m: None)
+    assert str(error.value).startswith(message) and len(str(error.value).splitlines()) == 1, str(error.value)
+
+
+def test_a_spec_counts_leading_zeros_and_names_with_colons(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "d.jsonl", [dict(TINYCOT, prompt=f"q{i}") for i in range(5)])
+    assert data.read_mixture("d.jsonl:003", log=lambda m: None) == data.read_mixture("d.jsonl:3", log=lambda m: None)
+    write_jsonl(tmp_path / "d.jsonl:abc", [REDDIT])  # a file whose name has a ':' suffix is that file
+    assert len(data.read_mixture("d.jsonl:abc", log=lambda m: None)) == 1
+    assert len(data.read_mixture(f"{tmp_path}/d.jsonl:2", log=lambda m: None)) == 2
+
+
 @pytest.mark.parametrize("content,count,message", [
     ("", "", "d.jsonl: an empty file, no rows"),
     ("\n  \n\t\n", "", "d.jsonl: only blank lines, no rows"),
@@ -247,3 +278,20 @@ def test_ctrl_c_exits_130_with_one_line(capsys, monkeypatch):
 
     monkeypatch.setattr(data, "_show", interrupted)
     assert run_cli(data.main, ["show", "embedded"], capsys) == (130, "", "interrupted\n")
+
+
+def test_an_unanticipated_exception_is_one_internal_error_line(capsys, monkeypatch):
+    """The last boundary: a bug (here a ZeroDivisionError in `show`) is one line and exit code 1, flags still exit 2;
+    REMASK_TRACEBACK=1 lets the traceback through."""
+    def bug(args):
+        return 1 / 0
+
+    monkeypatch.setattr(data, "_show", bug)
+    monkeypatch.delenv("REMASK_TRACEBACK", raising=False)
+    assert run_cli(data.main, ["show", "embedded"], capsys) == (
+        1, "", "error: internal error: ZeroDivisionError: division by zero (set REMASK_TRACEBACK=1 to see the "
+               "traceback)\n")
+    assert run_cli(data.main, ["show", "embedded", "--limit", "-1"], capsys)[0] == 2
+    monkeypatch.setenv("REMASK_TRACEBACK", "1")
+    with pytest.raises(ZeroDivisionError):
+        data.main(["show", "embedded"])

@@ -1,6 +1,7 @@
 """Faults around model directories: kill -9 at every stage of write_directory, writers that must refuse to replace
 what they did not write, weights that are not finite, and quantize.py's bad inputs (one `error:` line, a non-zero
 exit code, no traceback, nothing of the user's touched)."""
+import json
 import os
 import shutil
 import signal
@@ -269,6 +270,168 @@ def test_load_refuses_weights_that_overflow_the_requested_dtype(tmp_path):
     StableLM.from_pretrained(tmp_path / "m")
     with pytest.raises(ValueError, match="tensor model.norm.weight"):
         StableLM.from_pretrained(tmp_path / "m", dtype=torch.float16)
+
+# ----------------------------------------------------------------------------- config.json and the shard index
+
+
+def with_config(directory, edit):
+    """directory's config.json, edited by edit(dict) (which may also return a replacement)."""
+    config = json.loads((directory / "config.json").read_text())
+    config = edit(config) or config
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+def in_bf16(directory):
+    file = directory / "model.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(file).items()}, file, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("spelling", [{"torch_dtype": "auto"}, {"dtype": "auto"}, {"torch_dtype": None}, {},
+                                      {"torch_dtype": "torch.bfloat16"}, {"dtype": "bfloat16"}])
+def test_config_dtype_auto_or_none_is_the_stored_one_and_the_final_save_works(spelling, tmp_path):
+    """A dtype of "auto" (transformers: the stored weights' dtype) or none at all loads as the weights' dtype, so the
+    save at the end of a run (the model cast back to config.torch_dtype, as remask does) writes bf16 weights again."""
+    shutil.copytree(TINY, tmp_path / "m")
+    in_bf16(tmp_path / "m")
+    with_config(tmp_path / "m", lambda c: {**{k: v for k, v in c.items() if k != "torch_dtype"}, **spelling})
+    model = StableLM.from_pretrained(tmp_path / "m", dtype=torch.float32)  # as remask trains it
+    assert model.config.torch_dtype == "bfloat16" and isinstance(getattr(torch, model.config.torch_dtype), torch.dtype)
+    model.to(getattr(torch, model.config.torch_dtype)).save_pretrained(tmp_path / "out")
+    assert {t.dtype for t in load_file(tmp_path / "out" / "model.safetensors").values()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert StableLM.from_pretrained(tmp_path / "out").config.torch_dtype == "bfloat16"
+
+
+def test_config_dtype_auto_of_an_int8_checkpoint_is_its_float_dtype(tmp_path):
+    shutil.copytree(TINY8, tmp_path / "q")
+    with_config(tmp_path / "q", lambda c: c.update(torch_dtype="auto"))
+    assert StableLM.from_pretrained(tmp_path / "q").config.torch_dtype == "float32"  # not int8: the embedding's
+
+
+QUANTIZED = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+# (what config.json holds instead, the field the one-line message names, and what it says)
+BAD_CONFIGS = [
+    ({"torch_dtype": "int8"}, "torch_dtype", "must be one of 'float32', 'float16', 'bfloat16', 'float64' or 'auto'"),
+    ({"torch_dtype": "fp16"}, "torch_dtype", "got 'fp16'"),
+    ({"torch_dtype": 16}, "torch_dtype", "got 16"),
+    ({"torch_dtype": None, "dtype": {"": "bfloat16"}}, "dtype", "got {'': 'bfloat16'}"),
+    ({"vocab_size": 10**20}, "vocab_size", "is more than 16777216"),
+    ({"hidden_size": 2**40}, "hidden_size", "is more than"),
+    ({"num_hidden_layers": 10**9}, "num_hidden_layers", "is more than 1024"),
+    ({"num_attention_heads": -4}, "num_attention_heads", "must be a positive int"),
+    ({"intermediate_size": 176.0}, "intermediate_size", "must be a positive int, got 176.0"),
+    ({"max_position_embeddings": None}, "max_position_embeddings", "got None"),
+    ({"rope_theta": 0}, "rope_theta", "must be a finite number > 0"),
+    ({"rope_theta": "10000"}, "rope_theta", "got '10000'"),
+    ({"partial_rotary_factor": 1e308}, "partial_rotary_factor", "must be a number from 0 to 1"),
+    ({"layer_norm_eps": -1e-5}, "layer_norm_eps", "must be a finite number >= 0"),
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings", "true or false"),
+    ({"bos_token_id": -1}, "bos_token_id", "a token id"),
+    ({"eos_token_id": "0"}, "eos_token_id", "a token id"),
+    ({"eos_token_id": [0, None]}, "eos_token_id", "a non-empty list of them"),
+    ({"eos_token_id": []}, "eos_token_id", "a non-empty list of them"),
+    ({"rope_parameters": [10000]}, "rope_parameters", "must be an object"),
+    ({"quantization_config": "8bit"}, "quantization_config", "an object or null"),
+    ({"quantization_config": {**QUANTIZED, "llm_int8_threshold": "6"}}, "llm_int8_threshold", "finite number >= 0"),
+    ({"quantization_config": {**QUANTIZED, "llm_int8_threshold": None}}, "llm_int8_threshold", "got None"),
+    ({"quantization_config": {**QUANTIZED, "llm_int8_skip_modules": "lm_head"}}, "llm_int8_skip_modules",
+     "a list of module names"),
+]
+
+
+@pytest.mark.parametrize("change, field, message", BAD_CONFIGS, ids=[repr(case[0])[:60] for case in BAD_CONFIGS])
+def test_config_fields_are_checked_where_they_are_read(change, field, message, tmp_path):
+    shutil.copytree(TINY, tmp_path / "m")
+    with_config(tmp_path / "m", lambda c: c.update(change))
+    with pytest.raises(ValueError) as error:
+        StableLM.from_pretrained(tmp_path / "m")
+    text = str(error.value)
+    assert len(text.splitlines()) == 1 and text.startswith(f"{tmp_path / 'm' / 'config.json'}: ") and field in text
+    assert message in text, text
+
+
+def test_every_config_field_has_a_check():
+    assert set(M.FIELD_CHECKS) == {f.name for f in M.fields(M.Config)} - {"torch_dtype"}
+
+
+@pytest.mark.parametrize("text, message", [("[" * 100_000 + "]" * 100_000, "maximum recursion depth"),
+                                           ('{"vocab_size": ' + "9" * 5000 + "}", "integer string conversion"),
+                                           (b"\xff{}", "can't decode byte 0xff")])
+def test_config_json_beyond_what_python_reads_is_one_line(text, message, tmp_path):
+    shutil.copytree(TINY, tmp_path / "m")
+    file = tmp_path / "m" / "config.json"
+    file.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ValueError, match=f"^{file}: not valid JSON .*{message}") as error:
+        StableLM.from_pretrained(tmp_path / "m")
+    assert len(str(error.value).splitlines()) == 1
+
+
+@pytest.fixture
+def sharded(tmp_path):
+    """The tiny model in three or more shards, and a valid shard outside its directory (never to be read)."""
+    StableLM.from_pretrained(TINY).save_pretrained(tmp_path / "m", max_shard_size=40_000)
+    assert len(list((tmp_path / "m").glob("model-*.safetensors"))) >= 3
+    shutil.copy2(TINY / "model.safetensors", tmp_path / "outside.safetensors")
+    return tmp_path / "m"
+
+
+def first_entry(edit):
+    """An index edit that changes the weight map's first entry: edit(name, file) -> (name, file)."""
+    def change(index):
+        entries = list(index["weight_map"].items())
+        entries[0] = edit(*entries[0])
+        index["weight_map"] = dict(entries)
+    return change
+
+
+# (a change to model.safetensors.index.json, what the one-line message says)
+BAD_INDEXES = {
+    "weight_map a list": (lambda i: i.update(weight_map=list(i["weight_map"].items())), "not a safetensors index"),
+    "no weight_map": (lambda i: i.pop("weight_map"), "not a safetensors index"),
+    "index a list": (lambda i: [i], "not a safetensors index"),
+    "file a number": (first_entry(lambda name, file: (name, 1)), "the file 1: expected the name of a file"),
+    "file null": (first_entry(lambda name, file: (name, None)), "the file None"),
+    "file above": (first_entry(lambda name, file: (name, "../outside.safetensors")), "'../outside.safetensors'"),
+    "absolute file": (first_entry(lambda name, file: (name, "{tmp}/outside.safetensors")), "outside.safetensors'"),
+    "file in a subdirectory": (first_entry(lambda name, file: (name, f"sub/{file}")), "'sub/model-"),
+    "file ..": (first_entry(lambda name, file: (name, "..")), "the file '..'"),
+    "backslash": (first_entry(lambda name, file: (name, "..\\outside.safetensors")), "the file '..\\\\outside"),
+    "total_size a string": (lambda i: i["metadata"].update(total_size="123"), "total_size (if any) is an int >= 0"),
+    "total_size negative": (lambda i: i["metadata"].update(total_size=-1), "got {'total_size': -1}"),
+    "metadata a list": (lambda i: i.update(metadata=[1]), "metadata must be an object"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INDEXES)
+def test_shard_index_is_checked_and_nothing_outside_the_directory_is_read(case, sharded, monkeypatch):
+    edit, message = BAD_INDEXES[case]
+    index_file = sharded / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    index = edit(index) or index
+    index_file.write_text(json.dumps(index).replace("{tmp}", str(sharded.parent)))
+    opened = []
+    monkeypatch.setattr(M, "safe_open", lambda file, *args, **kwargs: opened.append(file))
+    with pytest.raises(ValueError) as error:
+        StableLM.from_pretrained(sharded)
+    text = str(error.value)
+    assert len(text.splitlines()) == 1 and text.startswith(f"{index_file}: ") and message in text, text
+    assert opened == []  # refused before any shard is opened
+
+
+def test_a_tensor_in_two_shards_and_a_layout_of_several_numbers_are_refused(sharded, tmp_path):
+    shards = sorted(sharded.glob("model-*.safetensors"))
+    first, second = load_file(shards[0]), load_file(shards[1])
+    name = next(iter(first))
+    save_file({**second, name: first[name]}, shards[1], metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"{name} is in both {shards[0]} and {shards[1]}"):
+        StableLM.from_pretrained(sharded)
+    shutil.copytree(TINY8, tmp_path / "q")
+    file = tmp_path / "q" / "model.safetensors"
+    tensors = load_file(file)
+    tensors["model.layers.0.mlp.up_proj.weight_format"] = torch.zeros(2, dtype=torch.uint8)
+    save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"up_proj.weight_format in .* has shape \[2\]: a layout is one number"):
+        StableLM.from_pretrained(tmp_path / "q")
 
 # ----------------------------------------------------------------------------- quantize.py: bad input
 

@@ -456,3 +456,39 @@ def test_every_linear_quantized_saves_a_loadable_checkpoint(tmp_path):
     qconfig = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert qconfig["llm_int8_skip_modules"] == []
     assert isinstance(StableLM.from_pretrained(tmp_path / "q").lm_head, Int8Linear)
+
+
+def run_quantize(argv, capsys):
+    """(exit code, stderr) of `quantize.py ARGV` run in this process."""
+    import quantize
+    with pytest.raises(SystemExit) as exit_info:
+        quantize.main(argv)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_a_bad_config_field_is_one_line_naming_config_json(tmp_path, capsys):
+    shutil.copytree(TINY, tmp_path / "src")
+    config = json.loads((tmp_path / "src" / "config.json").read_text())
+    (tmp_path / "src" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": "2"}))
+    code, err = run_quantize([str(tmp_path / "src"), str(tmp_path / "out")], capsys)
+    assert code == 1 and err == f"error: {tmp_path / 'src' / 'config.json'}: num_hidden_layers must be a positive " \
+                                f"int, got '2'\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_an_unanticipated_exception_is_one_internal_error_line(tmp_path, capsys, monkeypatch):
+    """The last boundary: a bug (here a ZeroDivisionError inside the checks) is one line and exit code 1;
+    REMASK_TRACEBACK=1 lets the traceback through."""
+    import quantize
+
+    def bug(args):
+        raise ZeroDivisionError("division by zero\nsecond line")
+    monkeypatch.setattr(quantize, "_check_args", bug)
+    argv = [str(TINY), str(tmp_path / "out")]
+    monkeypatch.delenv("REMASK_TRACEBACK", raising=False)
+    assert run_quantize(argv, capsys) == (1, "error: internal error: ZeroDivisionError: division by zero (set "
+                                             "REMASK_TRACEBACK=1 to see the traceback)\n")
+    monkeypatch.setenv("REMASK_TRACEBACK", "1")
+    with pytest.raises(ZeroDivisionError):
+        quantize.main(argv)
+    assert not (tmp_path / "out").exists()
