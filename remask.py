@@ -947,7 +947,10 @@ def start_run(cfg, ranks, device, log, evaluate_untrained, held) -> Run:
     """Set-up: the run directory, the data, the model and optimizer, the position to start from. held: what the run
     holds until it ends (the run directory's lock)."""
     if cfg.model:  # a Hub id becomes its snapshot directory in the Hugging Face cache (downloaded where missing)
-        cfg = replace(cfg, model=str(resolve_model(cfg.model, log)))
+        try:
+            cfg = replace(cfg, model=str(resolve_model(cfg.model, log)))
+        except DataError as e:
+            raise TrainError(f"--model {e}") from None
     out, main = Path(cfg.out).expanduser(), ranks.rank == 0
     previous = check_run_directory(cfg)
     if main and out.is_dir():  # one writer at a time, from the first write on (a missing --out: made by the claim)
@@ -1702,10 +1705,12 @@ RUN_DIRECTORIES = {"checkpoints": "checkpoints", "model": "model"}  # name: the 
 
 
 def run_inputs(cfg) -> dict:
-    """What a run reads, by the flag that names it: inputs are never outputs (model.check_apart)."""
-    reads = {"--model": cfg.model} if cfg.model else {}
+    """What a run reads, by the flag that names it: inputs are never outputs (model.check_apart). Only what exists:
+    a missing file, or a directory given as a data file, is refused by its reader, in its own words."""
+    reads = {"--model": cfg.model} if cfg.model and Path(cfg.model).expanduser().is_dir() else {}
     for spec_flag, spec in (("--data", cfg.data), ("--eval-data", cfg.eval_data)):
-        reads.update({f"{spec_flag} file {path}": path for path, _ in (mixture_parts(spec) if spec else [])})
+        reads.update({f"{spec_flag} file {path}": path for path, _ in (mixture_parts(spec) if spec else [])
+                      if Path(path).expanduser().is_file()})
     return reads
 
 
@@ -1764,10 +1769,13 @@ def claim_run_directory(cfg, previous, log, held):
     deletes what the directory's record says an earlier run wrote (an overwritten run's checkpoints among them) and
     records what it writes; train.log starts with the lines logged so far, or a resumed run appends to its own."""
     out = Path(cfg.out).expanduser()
-    if not out.exists():
-        make_owned(out, "run", wrote=[])
-        held.callback(os.close, lock_run_directory(out))
-    record = owner(out) or make_owned(out, "run", wrote=[])
+    try:
+        if not out.exists():
+            make_owned(out, "run", wrote=[])
+            held.callback(os.close, lock_run_directory(out))
+        record = owner(out) or make_owned(out, "run", wrote=[])
+    except OSError as e:
+        raise TrainError(f"--out {out}: {e.strerror}") from None
     if not previous:
         for checkpoint in checkpoints(out):  # --overwrite, checked by check_run_directory
             remove_directory(checkpoint, "checkpoint")
@@ -2506,7 +2514,6 @@ def pool(paths, out, log=print) -> dict:
     """One report over the runs of several results.json: parts run on other machines or at other times (a run
     depends on its seed alone). Refused: parts of different protocols, and a (seed, mode) run in two parts (or
     twice in one)."""
-    claim_comparison(out, {f"results file {path}": path for path in paths})
     parts = [(path, read_results(path)) for path in paths]
     (first_path, first), seen, runs = parts[0], {}, []
     expected = _protocol(first)
@@ -2529,6 +2536,7 @@ def pool(paths, out, log=print) -> dict:
                 "device": part.get("device"), "seeds": seed_ranges({r["seed"] for r in part["runs"]}),
                 "modes": sorted({r["mode"] for r in part["runs"]}, key=modes.index)} for path, part in parts]
     devices = ", ".join(dict.fromkeys(str(part.get("device")) for _, part in parts))
+    claim_comparison(out, {f"results file {path}": path for path in paths})
     return report({**first["config"], "out": str(out)}, runs, modes, first["eval_points"],
                   sum(part.get("seconds") or 0 for _, part in parts), devices, log, sources)
 

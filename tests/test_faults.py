@@ -86,7 +86,9 @@ BAD_FLAGS = [
 def test_bad_flags_are_one_line_and_touch_nothing(run_dir, tmp_path, capsys, flags, names):
     before = snapshot(run_dir)
     flags = [f.format(tmp=tmp_path, int8=int8_model(tmp_path) if "{int8}" in f else "") for f in flags]
-    assert remask.main(["train", *TINY_FLAGS, "--out", str(run_dir), "--overwrite", *flags]) == 1
+    embedded = {"--n-train", "--digits"} if "--data" in flags else set()  # flags --data makes an error of
+    tiny = [f for i, f in enumerate(TINY_FLAGS) if f not in embedded and TINY_FLAGS[i - 1] not in embedded]
+    assert remask.main(["train", *tiny, "--out", str(run_dir), "--overwrite", *flags]) == 1
     one_error_line(capsys, *[n.format(tmp=tmp_path) for n in names])
     assert snapshot(run_dir) == before
 

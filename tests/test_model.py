@@ -403,7 +403,7 @@ def test_save_load_is_bit_exact(seed, dtype, tmp_path):
     model = random_model(seed, dtype)
     model.save_pretrained(tmp_path / "m")
     files = sorted(p.name for p in (tmp_path / "m").iterdir())
-    assert files == ["config.json", "generation_config.json", "model.safetensors"]
+    assert files == [".remask-owner.json", "config.json", "generation_config.json", "model.safetensors"]
     stored = load_file(tmp_path / "m" / "model.safetensors")
     assert ("lm_head.weight" in stored) != model.config.tie_word_embeddings  # what transformers writes
     loaded = StableLM.from_pretrained(tmp_path / "m")

@@ -249,7 +249,7 @@ def test_ctrl_c_saves_and_stops(tmp_path, monkeypatch):
 
 
 def test_bad_model_paths_and_mismatched_tokenizers(tmp_path):
-    with pytest.raises(TrainError, match="--model .*nowhere: not a directory"):
+    with pytest.raises(TrainError, match="--model .*nowhere: no such directory"):
         remask.train(tiny_config(tmp_path, model=str(tmp_path / "nowhere")), log=quiet)
     model_dir = tmp_path / "tiny-model"
     shutil.copytree(STABLELM_TINY, model_dir)

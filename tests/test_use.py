@@ -218,11 +218,12 @@ BAD_INPUT = [  # (command and flags after --model DIR, what the one error line m
 
 @pytest.mark.parametrize("args, message", BAD_INPUT, ids=[" ".join(a[:3]) for a, _ in BAD_INPUT])
 def test_bad_input_is_one_error_line(tiny_model_dir, tmp_path, capsys, args, message):
-    data_file = tmp_path / "test.jsonl"
+    data_file, fewshot_file = tmp_path / "test.jsonl", tmp_path / "train.jsonl"
     write_jsonl(data_file, as_gsm8k_rows(TEST))
+    write_jsonl(fewshot_file, as_gsm8k_rows(TEST))
     args = [a.replace("TMP", str(tmp_path)) for a in args]
     if "FEWSHOT" in args:
-        args[args.index("FEWSHOT"):] = ["--fewshot-data", str(data_file)]
+        args[args.index("FEWSHOT"):] = ["--fewshot-data", str(fewshot_file)]
     if args[0] == "eval":
         args += ["--data", str(data_file)]
     before = sorted(tmp_path.rglob("*"))
