@@ -5,13 +5,16 @@ VENV_PYTHON := .venv/bin/python
 # The venv is a prerequisite only when it is the interpreter in use.
 ENV := $(if $(filter $(VENV_PYTHON),$(PYTHON)),.venv/installed)
 ARGS ?=
+GPU_CHECK_REPORT ?= gpu-check.md
 
-.PHONY: help test train bench data model quantize eval compare clean
+.PHONY: help test train bench gpu-check data model quantize eval compare clean
 
 help:
 	@echo "make test                      run the test suite (builds .venv on first use)"
 	@echo "make train [ARGS='--flag ...']  fine-tune; no ARGS = the embedded CPU demo"
 	@echo "make bench                     throughput benchmarks on the current device"
+	@echo "make gpu-check                 on a GPU: the GPU tests, 3B step/offload/decode against the plan and"
+	@echo "                               transformers, in $(GPU_CHECK_REPORT) (under 10 min on one H100)"
 	@echo "make data                      download the recipe's datasets and GSM8K into data/"
 	@echo "make model MODEL=org/name[@rev]  download a model from the Hugging Face Hub into its cache (prints its path)"
 	@echo "make quantize MODEL=DIR OUT=DIR  LLM.int8 8-bit copy of a checkpoint (MODEL may be org/name on the Hub)"
@@ -33,6 +36,11 @@ train: $(ENV)
 
 bench: $(ENV)
 	$(PYTHON) tests/bench.py $(ARGS)
+
+# Everything that waits for a GPU, in one report (ARGS='--budget S' bounds it); without CUDA one line and exit 1.
+# On a GPU box without the venv: make gpu-check PYTHON=python3
+gpu-check: $(ENV)
+	@$(PYTHON) tests/gpu_check.py --report $(GPU_CHECK_REPORT) $(ARGS)
 
 data: $(ENV)
 	$(PYTHON) data.py download all --out data

@@ -714,6 +714,10 @@ class TrainConfig:
                                   "local rank's)")
     parallel: str = _option("ddp", "under torchrun: ddp (a full replica per rank) or fsdp (weights, gradients and "
                                    "Lilith's state sharded across ranks, FSDP2)", choices=("ddp", "fsdp"))
+    offload: str = _option("none", "cpu: with --parallel fsdp on GPUs (one included), the fp32 weights and gradients "
+                                   "live in pinned host memory, Lilith's state in host memory, and Lilith steps on "
+                                   "the CPU; each block's weights visit the GPU only while it computes (FSDP2's "
+                                   "CPUOffloadPolicy)", choices=("none", "cpu"))
     precision: str = _option("auto", "bf16: bf16 autocast over fp32 master weights (Lilith state fp32); fp32; "
                                      "auto: bf16 on CUDA, fp32 elsewhere (CPU bf16 is slow)",
                              choices=PRECISIONS)
@@ -769,11 +773,12 @@ DEMO = dict(out="runs/demo", seq_len=128, micro_batch=32, global_batch=32, epoch
 
 
 # Fields that may differ on --resume: they change how the run executes, not what it computes (micro_batch
-# changes the order of float sums only; n_eval and eval_data only the evaluation at the end; model and data are
-# paths, spelt any way: the checkpoint holds the weights, and its data fingerprint the examples, token for token).
+# changes the order of float sums only; offload where the same state lives and Lilith steps; n_eval and eval_data
+# only the evaluation at the end; model and data are paths, spelt any way: the checkpoint holds the weights, and its
+# data fingerprint the examples, token for token).
 RUNTIME_FIELDS = {"out", "device", "compile", "grad_checkpointing", "reduce_every_micro_batch", "threads", "log_every",
                   "save_every", "keep", "stop_at", "resume", "overwrite", "micro_batch", "n_eval", "eval_data",
-                  "model", "data"}
+                  "model", "data", "offload"}
 
 
 class TrainError(RuntimeError):
@@ -952,6 +957,7 @@ def start_run(cfg, ranks, device, log, evaluate_untrained, held) -> Run:
         except DataError as e:
             raise TrainError(f"--model {e}") from None
     out, main = Path(cfg.out).expanduser(), ranks.rank == 0
+    sharded = sharding(cfg, ranks, device)  # an --offload that cannot run is refused here, before any work
     previous = check_run_directory(cfg)
     if main and out.is_dir():  # one writer at a time, from the first write on (a missing --out: made by the claim)
         held.callback(os.close, lock_run_directory(out))
@@ -964,7 +970,6 @@ def start_run(cfg, ranks, device, log, evaluate_untrained, held) -> Run:
     examples, held_out = load_examples(cfg, tok, log)
     fingerprint = data_fingerprint(examples)  # the data is part of the recipe: a resume must train on the same
     resume_from = find_resume_checkpoint(out, log) if previous else None  # the newest intact checkpoint
-    sharded = cfg.parallel == "fsdp" and ranks.world > 1  # one process: nothing to shard
     model, optimizer, start_step = model_and_optimizer(cfg, tok, resume_from, fingerprint, device, log, sharded)
     if cfg.seq_len > model.config.max_position_embeddings:
         raise TrainError(f"--seq-len {cfg.seq_len} is longer than the model's context of "
@@ -978,9 +983,9 @@ def start_run(cfg, ranks, device, log, evaluate_untrained, held) -> Run:
         dist.barrier()  # the other ranks write nothing; rank 0 has made --out the run's
     total = cfg.max_steps or len(loader) * cfg.epochs
     log(f"StableLM {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device} "
-        f"({precision}), {ranks.world} rank(s); {len(loader)} steps per epoch, {total} steps of "
-        f"{min(cfg.global_batch, len(examples))} sequences, micro-batch {cfg.micro_batch}, mode {cfg.mode}; each log "
-        f"line: means over its steps")
+        f"({precision}), {ranks.world} rank(s), {state_placement(model)}; {len(loader)} steps per epoch, "
+        f"{total} steps of {min(cfg.global_batch, len(examples))} sequences, micro-batch {cfg.micro_batch}, mode "
+        f"{cfg.mode}; each log line: means over its steps")
     summary = {"out": str(out), "total_steps": total}
     if answerable(held_out) and evaluate_untrained and not previous and (main or sharded):
         summary["accuracy_untrained"] = untrained_accuracy(model, tok, held_out, device, precision, log)
@@ -1144,7 +1149,7 @@ def read_back(totals, model, stop_requested, world) -> dict:
     device_sums = torch.stack([totals.loss, totals.ce_masked, totals.ce_full, totals.kl, totals.grad_norm])
     host_sums = torch.tensor([totals.tokens, totals.flops, stop_requested], dtype=torch.float32,
                              device=device_sums.device)
-    values = torch.cat([device_sums, host_sums, (~finite).float()[None]])
+    values = torch.cat([device_sums, host_sums, (~finite).float()[None].to(device_sums.device)])  # offload: host
     if world > 1:
         dist.all_reduce(values)
     loss, ce_masked, ce_full, kl, grad_norm, tokens, flops, signalled, not_finite = values.tolist()
@@ -1169,11 +1174,12 @@ def check_finite(seen, steps, step, last_saved):
 
 
 def out_of_memory(run, step) -> str:
-    """What to change when the GPU runs out of memory during the loop."""
+    """What to change when the GPU runs out of memory during the loop; --offload cpu where the plan says it fits."""
     cfg = run.cfg
     return (f"out of GPU memory at step {step} with --micro-batch {cfg.micro_batch} (peak "
             f"{peak_memory_gb(run.device):.1f} GB): use --micro-batch {max(cfg.micro_batch // 2, 1)} (gradient "
-            f"accumulation grows, the step stays the same) and/or --grad-checkpointing")
+            f"accumulation grows, the step stays the same) and/or --grad-checkpointing"
+            + offload_advice(cfg, run.model.config, run.device, run.ranks, run.precision))
 
 
 def run_metrics(seen, totals, step, epoch, lr, span, peak_flops_all, device, mode) -> dict:
@@ -1277,7 +1283,7 @@ def model_and_optimizer(cfg, tok, resume_from, fingerprint, device, log, sharded
     precision = resolve_precision(cfg.precision, device)
     if resume_from is None:
         model = load_model(cfg, tok, log)
-        model = (shard_model(model, device, precision) if sharded else model).to(device).train()
+        model = (shard_model(model, device, precision, cfg.offload == "cpu") if sharded else model).to(device).train()
         return model, Lilith(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay), 0
     model, state = load_checkpoint(resume_from, cfg, device, fingerprint, sharded)
     if len(tok) > model.config.vocab_size:
@@ -1485,7 +1491,7 @@ def load_checkpoint(path, cfg: TrainConfig, device, data, sharded=False) -> tupl
         state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
         if state.get("world", 0) == shards:  # otherwise refused below, before any weights load
             model = (sharded_skeleton(Config.from_dict(state["model_config"]), device,
-                                      resolve_precision(cfg.precision, device)) if shards
+                                      resolve_precision(cfg.precision, device), cfg.offload == "cpu") if shards
                      else StableLM.from_pretrained(path / "model", dtype=torch.float32))
     except Exception as e:  # its files are as written, yet do not load: not a checkpoint this code wrote
         raise TrainError(f"--resume: {path} does not load: {type(e).__name__}: {str(e).strip().splitlines()[0]}"
@@ -1522,6 +1528,10 @@ def restore_rng(rng):
 # its state as slices of the same shape (whole_norm gives it the norms of whole tensors), so weights, gradients and
 # state take 1/N of the memory per rank. A sharded checkpoint: step-000120/{shards/ (torch.distributed.checkpoint:
 # a .distcp file per rank + .metadata), trainer.pt, checksums.json}, placed as a whole one is (write_directory).
+# --offload cpu (FSDP2's CPUOffloadPolicy) moves the slices to pinned host memory: before each all-gather a unit's
+# fp32 slice is copied to the GPU and cast to bf16 there, each reduce-scattered fp32 gradient slice is copied back,
+# and Lilith, built on host parameters, keeps its state and steps on the CPU. The GPU holds the units in flight,
+# the activations and the logits; a single process shards over a group of one rank for it.
 # FSDP2 and torch.distributed.checkpoint are imported where a sharded run first needs them: their import takes about
 # a second, which every other command would pay at start-up.
 
@@ -1551,25 +1561,60 @@ def is_sharded(module) -> bool:
     return fsdp is not None and isinstance(module, fsdp.FSDPModule)
 
 
-def shard_model(model, device, precision):
+def sharding(cfg, ranks, device) -> bool:
+    """Whether this run shards its model: --parallel fsdp on several ranks, or in one process with --offload cpu.
+    Checked before any work: --offload cpu needs --parallel fsdp and a GPU (FSDP2 pins the host memory it copies
+    from, which takes an accelerator: without one fully_shard fails with "Cannot access accelerator device when
+    none is available"). A single offloading process starts a process group of one rank, which train() ends."""
+    if cfg.offload == "cpu" and cfg.parallel != "fsdp":
+        raise TrainError("--offload cpu needs --parallel fsdp: FSDP2 is what keeps the state in host memory (one "
+                         "process or several, under torchrun)")
+    if cfg.offload == "cpu" and device.type != "cuda":
+        why = "--device cpu" if cfg.device != "auto" else "torch.cuda.is_available() is False here"
+        raise TrainError(f"--offload cpu needs a GPU: FSDP2's CPU offload copies each block's weights from pinned "
+                         f"host memory to an accelerator, and this run is on the CPU ({why}); drop --offload cpu")
+    if cfg.parallel != "fsdp" or (ranks.world == 1 and cfg.offload == "none"):
+        return False  # one process without offload: nothing to shard
+    if not dist.is_initialized():
+        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=device)
+    return True
+
+
+def shard_model(model, device, precision, offload=False):
     """Shard model in place over all ranks. bf16: weights all-gathered and used in bf16, gradients reduced in fp32
-    into fp32 slices (FSDP2's mixed precision, the same recipe as autocast over fp32 master weights)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    into fp32 slices (FSDP2's mixed precision, the same recipe as autocast over fp32 master weights). offload: the
+    slices in pinned host memory; Lilith's norms of whole tensors are then all-reduced on the host, so the mesh's
+    process group pairs gloo for host tensors with NCCL for GPU ones (a NCCL group has no CPU backend)."""
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    if offload:
+        mesh = DeviceMesh.from_group(dist.new_group(backend=f"cpu:gloo,{device.type}:nccl"), device.type)
+    else:
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if precision == "bf16" else None,
                                   reduce_dtype=torch.float32)
+    placement = CPUOffloadPolicy(pin_memory=True) if offload else OffloadPolicy()
     for block in model.model.layers:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)  # the root: embeddings, final norm and head
+        fully_shard(block, mesh=mesh, mp_policy=policy, offload_policy=placement)
+    fully_shard(model, mesh=mesh, mp_policy=policy, offload_policy=placement)  # the root: embeddings, final norm, head
     return model
 
 
-def sharded_skeleton(config, device, precision):
+def sharded_skeleton(config, device, precision, offload=False):
     """A sharded model whose slices are allocated, not filled (load_sharded fills them): no whole copy anywhere."""
     with torch.device("meta"):
         model = StableLM(config)
-    return shard_model(model, device, precision).to_empty(device=device)
+    return shard_model(model, device, precision, offload).to_empty(device="cpu" if offload else device)
+
+
+def state_placement(model) -> str:
+    """Where this rank's training state lives, for the run's first log line: each fp32 weight with its gradient and
+    Lilith's three moments (20 bytes; the moments exist from the first step on)."""
+    where = {}
+    for p in model.parameters():
+        where[local(p).device.type] = where.get(local(p).device.type, 0) + 5 * local(p).numel() * p.element_size()
+    return (f"training state (weights, gradients, Lilith's moments) {where.get('cuda', 0) / 1e9:.2f} GB on the GPU "
+            f"and {where.get('cpu', 0) / 1e9:.2f} GB in host memory per rank")
 
 
 def save_sharded_checkpoint(out, step, model, optimizer, cfg, keep, data) -> Path:
@@ -1652,6 +1697,96 @@ def gathered_root(model):
         yield
     finally:
         model.reshard()
+
+# ----------------------------------------------------------------------------- sharded training: the memory plan
+# What a sharded step needs per rank, on the GPU and (--offload cpu) in host memory, and what offload copies over
+# PCIe: tests/bench.py --bench memory prints it for the family, out_of_memory consults it. What autograd saves for
+# backward per token, measured by tests/bench.py under bf16 autocast: 44 bytes per unit of width in each block (43.7,
+# 44.1 and 44.7 for StableLM-3B, 2-1.6B and 2-12B; 111.8 KB at the 3B's 2560), 6 outside them (the embeddings'
+# output, the final norm's and the head's inputs).
+SAVED_PER_TOKEN_PER_WIDTH = (44, 6)
+USABLE_GPU_MEMORY = 0.95  # of a card's memory: the rest is CUDA's context and the allocator's fragmentation
+
+
+class ShardedPlan(NamedTuple):
+    """Bytes per rank of one optimizer step under --parallel fsdp."""
+    gpu: float  # at the step's peak
+    host: float  # the state and Lilith's temporaries, with --offload cpu (else 0)
+    pinned: float  # of host: the weights and gradients FSDP2 copies from and into (power-of-two blocks)
+    to_gpu: float  # host -> GPU per micro-batch: a unit's fp32 slice before each of its all-gathers
+    to_host: float  # GPU -> host per reduce-scatter (one a step; every micro-batch with --reduce-every-micro-batch)
+
+
+def sharded_plan(config, ranks, tokens, offload=False, grad_checkpointing=False, accumulating=True,
+                 reduce_every_micro_batch=False, compute_bytes=2, saved=None) -> ShardedPlan:
+    """The plan of one micro-batch of `tokens` (rows x sequence length; ReMask runs 2 rows a sequence) on each of
+    `ranks` ranks; accumulating: micro-batches before the step's last one (--global-batch > ranks x --micro-batch);
+    compute_bytes: 2 under bf16, 4 under fp32; saved: bytes autograd keeps per token in each block and outside the
+    blocks (default: SAVED_PER_TOKEN_PER_WIDTH x the width).
+
+    GPU, at the end of a micro-batch's forward: the fp32 state / N (20 bytes a parameter: weights, gradients,
+    Lilith's 3 moments; none with offload); the whole fp32 gradient, which FSDP2 accumulates unsharded until the
+    step's last micro-batch (with --reduce-every-micro-batch only the root's, held through the backward, and the
+    buffer its reduce-scatter copies it into); the gathered root (embeddings, final norm, head: gathered once per
+    micro-batch), the running block and the next one FSDP2 prefetches, and the running block's gradient; with
+    offload also the prefetched block's fp32 slice copied over and its cast; the activations of one micro-batch
+    (--grad-checkpointing: each block's fp32 input, one block's saved tensors); the logits, the loss's gradient
+    buffer and its fp32 chunk. Or, if more, at the start of the step's last micro-batch: the gradient so far and the
+    root being gathered (with offload, from its fp32 slice copied over and cast). Host, with offload: each weight's
+    and each gradient's fp32 slice pinned, in a block rounded up to a power of two (torch's pinned-memory allocator,
+    CachingHostAllocator, rounds every block so), Lilith's 3 moments / N, and its temporaries while it steps (5 fp32
+    copies of the largest tensor's slice)."""
+    with torch.device("meta"):  # the counts of one block and of the root: a one-block model has them all
+        model = StableLM(replace(config, num_hidden_layers=1))
+    L, C, V = config.num_hidden_layers, config.hidden_size, config.vocab_size
+    block = sum(p.numel() for p in model.model.layers[0].parameters())
+    root = sum(p.numel() for p in model.parameters()) - block
+    params = root + L * block
+    per_layer, rest = saved or [bytes_per_width * C for bytes_per_width in SAVED_PER_TOKEN_PER_WIDTH]
+    state = 0 if offload else 20 * params / ranks
+    whole_gradient = accumulating and not reduce_every_micro_batch
+    gradient = 4 * params if whole_gradient else 2 * 4 * root
+    staging = (4 + (compute_bytes if compute_bytes != 4 else 0)) / ranks if offload else 0  # bytes a parameter
+    gathered = (root + 2 * block) * compute_bytes + 4 * block + staging * block
+    saved_per_token = L * 4 * C + per_layer + rest if grad_checkpointing else L * per_layer + rest
+    loss = 2 * tokens * V * compute_bytes + 6 * 4 * CHUNK_ELEMENTS  # ~6 fp32 (chunk, V) buffers live per chunk
+    at_forward_end = state + gradient + gathered + tokens * saved_per_token + loss
+    at_start = state + (4 * params if whole_gradient else 0) + (compute_bytes + staging) * root
+    gpu = max(at_forward_end, at_start)
+    if not offload:
+        return ShardedPlan(gpu, 0, 0, 0, 0)
+    def pinned(p):  # bytes of the pinned block of this rank's fp32 slice (dim 0 split, padded to N rows a rank)
+        return 1 << (4 * -(-len(p) // ranks) * (p.numel() // len(p)) - 1).bit_length()
+
+    pinned_per_copy = (sum(pinned(p) for p in model.parameters())
+                       + (L - 1) * sum(pinned(p) for p in model.model.layers[0].parameters()))
+    largest = max(p.numel() for p in model.parameters())
+    host = 2 * pinned_per_copy + 12 * params / ranks + 5 * 4 * largest / ranks  # weights, gradients; Lilith's
+    to_gpu = 4 * (root + 2 * L * block) / ranks  # each block for its forward and again for its backward
+    return ShardedPlan(gpu, host, 2 * pinned_per_copy, to_gpu, 4 * params / ranks)
+
+
+def offload_advice(cfg, config, device, ranks, precision) -> str:
+    """The flags with --offload cpu under which the plan fits this GPU, as a sentence for out_of_memory ('' if none
+    does, or the run offloads already)."""
+    if cfg.offload == "cpu" or device.type != "cuda":
+        return ""
+    card = torch.cuda.get_device_properties(device).total_memory
+    tokens = PASSES[cfg.mode] * cfg.micro_batch * cfg.seq_len
+    tried = [(cfg.grad_checkpointing, cfg.reduce_every_micro_batch), (True, cfg.reduce_every_micro_batch),
+             (True, True)]
+    for checkpointing, every_micro_batch in dict.fromkeys(tried):
+        plan = sharded_plan(config, ranks.world, tokens, offload=True, grad_checkpointing=checkpointing,
+                            accumulating=cfg.global_batch > cfg.micro_batch * ranks.world,
+                            reduce_every_micro_batch=every_micro_batch, compute_bytes=2 if precision == "bf16" else 4)
+        if plan.gpu < USABLE_GPU_MEMORY * card:
+            flags = ["--parallel fsdp --offload cpu"] + [flag for flag, on, was in (
+                ("--grad-checkpointing", checkpointing, cfg.grad_checkpointing),
+                ("--reduce-every-micro-batch", every_micro_batch, cfg.reduce_every_micro_batch)) if on and not was]
+            return (f"; or keep the state in host memory: {' '.join(flags)} (plan per rank: {plan.gpu / 1e9:.1f} GB "
+                    f"of this GPU's {card / 1e9:.1f} GB, {plan.host / 1e9:.1f} GB of host memory)")
+    return ""
+
 
 # ----------------------------------------------------------------------------- signals, run directory and run log
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ import torch.distributed as dist
 from conftest import (assert_same_weights, assert_weights_close, quiet, run_metrics, run_weights, tiny_config,
                       train_flags)
 import remask
-from remask import TrainError
+from remask import TrainConfig, TrainError
 
 # remask accumulates 2 micro-batches per rank and step (the reduce-scatter waits for the second) and saves at step 2;
 # masked-thought also recomputes blocks (--grad-checkpointing: their weights are all-gathered again in backward);
@@ -135,6 +136,84 @@ def test_a_damaged_sharded_checkpoint_is_refused(two_ranks, tmp_path):
     with pytest.raises(TrainError, match=r"step-000002: shards/__1_0.distcp: not the bytes that were written"):
         remask.train(replace(sharded(tmp_path, "remask", **RUNS["remask"]), resume=True), log=quiet)
     assert shard.exists()  # nothing of the user's is deleted
+
+# ----------------------------------------------------------------------------- --offload cpu: the wiring on a CPU
+# FSDP2's CPU offload runs on a GPU only (tests/test_offload_gpu.py); here: its refusals as a user meets them, the
+# advice an out-of-memory error gives, the log's state line and the plan's arithmetic.
+
+
+@pytest.mark.parametrize("device", [pytest.param([], marks=pytest.mark.skipif(torch.cuda.is_available(),
+                                                                               reason="a GPU is here")),
+                                    ["--device", "cpu"]])
+def test_offload_without_a_gpu_is_refused_in_one_line(tmp_path, capsys, device):
+    """Before anything is read or written, and no process group is left behind."""
+    out = tmp_path / "run"
+    code = remask.main(["train", "--parallel", "fsdp", "--offload", "cpu", "--out", str(out), *device])
+    err = capsys.readouterr().err.splitlines()
+    why = "--device cpu" if device else "torch.cuda.is_available() is False here"
+    assert code == 1 and err == [f"error: --offload cpu needs a GPU: FSDP2's CPU offload copies each block's weights "
+                                 f"from pinned host memory to an accelerator, and this run is on the CPU ({why}); "
+                                 f"drop --offload cpu"]
+    assert not out.exists() and not dist.is_initialized()
+
+
+def test_offload_without_fsdp_is_refused_naming_both_flags(tmp_path, capsys):
+    code = remask.main(["train", "--offload", "cpu", "--out", str(tmp_path / "run")])
+    assert code == 1 and capsys.readouterr().err.splitlines() == [
+        "error: --offload cpu needs --parallel fsdp: FSDP2 is what keeps the state in host memory (one process or "
+        "several, under torchrun)"]
+    assert "offload" in remask.RUNTIME_FIELDS  # a resume with or without it: the same state, elsewhere
+
+
+def test_the_log_says_where_the_state_lives():
+    model = remask.StableLM(remask.Config.named("debug"))  # 825,600 parameters x 20 bytes, all on the host
+    assert remask.state_placement(model) == ("training state (weights, gradients, Lilith's moments) 0.00 GB on the "
+                                             "GPU and 0.02 GB in host memory per rank")
+
+
+def test_out_of_memory_suggests_offload_where_the_plan_fits(monkeypatch):
+    """The 3B recipe on one 24 GB card: offload fits only with --grad-checkpointing; an 80 GB card without it."""
+    config = remask.Config.named("stablelm-3b-4e1t")
+    cfg = TrainConfig(micro_batch=8)
+    for gib, flags, gb in ((24, " --grad-checkpointing", 15.7), (80, "", 28.6)):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(
+            total_memory=gib * 2 ** 30))
+        advice = remask.offload_advice(cfg, config, torch.device("cuda"), remask.Ranks(), "bf16")
+        assert advice == (f"; or keep the state in host memory: --parallel fsdp --offload cpu{flags} (plan per rank: "
+                          f"{gb} GB of this GPU's {gib * 2 ** 30 / 1e9:.1f} GB, 72.6 GB of host memory)")
+    assert remask.offload_advice(replace(cfg, micro_batch=64, seq_len=4096), config, torch.device("cuda"),
+                                 remask.Ranks(), "bf16") == ""  # nothing fits: no false hope
+    assert remask.offload_advice(cfg, config, torch.device("cpu"), remask.Ranks(), "bf16") == ""
+
+
+def test_the_offload_plan_by_hand():
+    """StableLM-3B on one rank, micro-batch 8 x 256 tokens (4096 rows x tokens for ReMask's two passes), bf16,
+    --grad-checkpointing, accumulating, with the measured activations (111,760 and 15,536 bytes a token)."""
+    C, I, V, L = 2560, 6912, 50304, 32
+    block = 4 * C * C + 3 * C * I + 4 * C  # q, k, v, o; gate, up, down; two LayerNorms
+    root = 2 * V * C + 2 * C  # embeddings, head, final norm
+    params = L * block + root
+    assert params == 2_795_443_200
+    plan = remask.sharded_plan(remask.Config.named("stablelm-3b-4e1t"), 1, 4096, offload=True,
+                               grad_checkpointing=True, saved=(111_760, 15_536))
+    gradient = 4 * params  # fp32, accumulated unsharded on the GPU until the step's last micro-batch
+    gathered = 2 * (root + 2 * block) + 4 * block + (4 + 2) * block  # bf16 root + 2 blocks, a block's grad, staging
+    activations = 4096 * (L * 4 * C + 111_760 + 15_536)  # each block's fp32 input, one block's saved tensors
+    loss = 2 * 4096 * V * 2 + 6 * 4 * 128 * V  # bf16 logits and their gradient, the loss's fp32 chunk buffers
+    assert plan.gpu == gradient + gathered + activations + loss == 15_649_515_520
+    # pinned blocks round up to powers of two: q, k, v, o 26.2 MB -> 32 MiB; gate, up, down 70.8 MB -> 128 MiB;
+    # a norm's weight or bias 10 KB -> 16 KiB; embeddings and head 515 MB -> 512 MiB
+    pinned = L * (4 * 2 ** 25 + 3 * 2 ** 27 + 4 * 2 ** 14) + 2 * 2 ** 29 + 2 * 2 ** 14
+    assert plan.pinned == 2 * pinned  # weights and gradients, 36.5 GB where 22.4 would do
+    assert plan.host == 2 * pinned + 12 * params + 5 * 4 * V * C  # Lilith's moments and temporaries (embeddings)
+    assert (plan.to_gpu, plan.to_host) == (4 * (root + 2 * L * block), 4 * params)
+    on_8 = remask.sharded_plan(remask.Config.named("stablelm-3b-4e1t"), 8, 4096, offload=True)
+    assert (on_8.to_gpu, on_8.to_host) == (plan.to_gpu / 8, plan.to_host / 8)
+    assert on_8.pinned == 2 * (L * (4 * 2 ** 22 + 3 * 2 ** 24 + 4 * 2 ** 11) + 2 * 2 ** 26 + 2 * 2 ** 11)  # 1/8 rows
+    # --reduce-every-micro-batch: the root's gradient and its reduce-scatter buffer instead of the whole gradient
+    every = remask.sharded_plan(remask.Config.named("stablelm-3b-4e1t"), 1, 4096, offload=True,
+                                grad_checkpointing=True, reduce_every_micro_batch=True, saved=(111_760, 15_536))
+    assert plan.gpu - every.gpu == gradient - 8 * root
 
 
 if __name__ == "__main__":
