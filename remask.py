@@ -1053,6 +1053,8 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         device = None
     if device is None or device.type not in ("cpu", "cuda"):
         raise TrainError(f"--device {name}: not a device remask runs on (cpu, cuda, cuda:N or auto)")
+    if device.type == "cuda" and device.index is None:  # plain "cuda": this rank's GPU (set_device needs an index)
+        device = torch.device("cuda", local_rank)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TrainError(f"--device {name}: CUDA is not available in this torch build or machine")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():

@@ -103,7 +103,8 @@ def test_sharded_checkpoints_hold_every_rank_slice_and_checksums(two_ranks):
     checkpoint = remask.checkpoints(two_ranks / "remask")[-1]
     assert checkpoint.name == "step-000004"
     files = sorted(p.relative_to(checkpoint).as_posix() for p in checkpoint.rglob("*") if p.is_file())
-    assert files == ["checksums.json", "shards/.metadata", "shards/__0_0.distcp", "shards/__1_0.distcp", "trainer.pt"]
+    assert files == [".remask-owner.json", "checksums.json", "shards/.metadata", "shards/__0_0.distcp",
+                     "shards/__1_0.distcp", "trainer.pt"]
     assert remask.verify_checkpoint(checkpoint) == []
     state = torch.load(checkpoint / "trainer.pt", weights_only=False)
     assert state["world"] == 2 and state["step"] == 4
@@ -128,6 +129,7 @@ def test_a_damaged_sharded_checkpoint_is_refused(two_ranks, tmp_path):
     """One flipped bit in one rank's file: the checksums name it before anything is loaded."""
     checkpoint = remask.checkpoints(two_ranks / "remask")[0]
     target = tmp_path / "remask" / "checkpoints" / checkpoint.name
+    remask.make_owned(target.parent, "checkpoints")  # a run's checkpoints/, as remask makes it
     shutil.copytree(checkpoint, target)
     shard = target / "shards" / "__1_0.distcp"
     data = bytearray(shard.read_bytes())

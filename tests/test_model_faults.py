@@ -291,7 +291,7 @@ def in_bf16(directory):
 def test_config_dtype_auto_or_none_is_the_stored_one_and_the_final_save_works(spelling, tmp_path):
     """A dtype of "auto" (transformers: the stored weights' dtype) or none at all loads as the weights' dtype, so the
     save at the end of a run (the model cast back to config.torch_dtype, as remask does) writes bf16 weights again."""
-    shutil.copytree(TINY, tmp_path / "m")
+    shutil.copytree(STABLELM_TINY, tmp_path / "m")
     in_bf16(tmp_path / "m")
     with_config(tmp_path / "m", lambda c: {**{k: v for k, v in c.items() if k != "torch_dtype"}, **spelling})
     model = StableLM.from_pretrained(tmp_path / "m", dtype=torch.float32)  # as remask trains it
@@ -303,7 +303,7 @@ def test_config_dtype_auto_or_none_is_the_stored_one_and_the_final_save_works(sp
 
 
 def test_config_dtype_auto_of_an_int8_checkpoint_is_its_float_dtype(tmp_path):
-    shutil.copytree(TINY8, tmp_path / "q")
+    shutil.copytree(STABLELM_TINY_INT8, tmp_path / "q")
     with_config(tmp_path / "q", lambda c: c.update(torch_dtype="auto"))
     assert StableLM.from_pretrained(tmp_path / "q").config.torch_dtype == "float32"  # not int8: the embedding's
 
@@ -341,7 +341,7 @@ BAD_CONFIGS = [
 
 @pytest.mark.parametrize("change, field, message", BAD_CONFIGS, ids=[repr(case[0])[:60] for case in BAD_CONFIGS])
 def test_config_fields_are_checked_where_they_are_read(change, field, message, tmp_path):
-    shutil.copytree(TINY, tmp_path / "m")
+    shutil.copytree(STABLELM_TINY, tmp_path / "m")
     with_config(tmp_path / "m", lambda c: c.update(change))
     with pytest.raises(ValueError) as error:
         StableLM.from_pretrained(tmp_path / "m")
@@ -358,7 +358,7 @@ def test_every_config_field_has_a_check():
                                            ('{"vocab_size": ' + "9" * 5000 + "}", "integer string conversion"),
                                            (b"\xff{}", "can't decode byte 0xff")])
 def test_config_json_beyond_what_python_reads_is_one_line(text, message, tmp_path):
-    shutil.copytree(TINY, tmp_path / "m")
+    shutil.copytree(STABLELM_TINY, tmp_path / "m")
     file = tmp_path / "m" / "config.json"
     file.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(ValueError, match=f"^{file}: not valid JSON .*{message}") as error:
@@ -369,9 +369,9 @@ def test_config_json_beyond_what_python_reads_is_one_line(text, message, tmp_pat
 @pytest.fixture
 def sharded(tmp_path):
     """The tiny model in three or more shards, and a valid shard outside its directory (never to be read)."""
-    StableLM.from_pretrained(TINY).save_pretrained(tmp_path / "m", max_shard_size=40_000)
+    StableLM.from_pretrained(STABLELM_TINY).save_pretrained(tmp_path / "m", max_shard_size=40_000)
     assert len(list((tmp_path / "m").glob("model-*.safetensors"))) >= 3
-    shutil.copy2(TINY / "model.safetensors", tmp_path / "outside.safetensors")
+    shutil.copy2(STABLELM_TINY / "model.safetensors", tmp_path / "outside.safetensors")
     return tmp_path / "m"
 
 
@@ -425,7 +425,7 @@ def test_a_tensor_in_two_shards_and_a_layout_of_several_numbers_are_refused(shar
     save_file({**second, name: first[name]}, shards[1], metadata={"format": "pt"})
     with pytest.raises(ValueError, match=f"{name} is in both {shards[0]} and {shards[1]}"):
         StableLM.from_pretrained(sharded)
-    shutil.copytree(TINY8, tmp_path / "q")
+    shutil.copytree(STABLELM_TINY_INT8, tmp_path / "q")
     file = tmp_path / "q" / "model.safetensors"
     tensors = load_file(file)
     tensors["model.layers.0.mlp.up_proj.weight_format"] = torch.zeros(2, dtype=torch.uint8)

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import remask  # noqa: E402
 from remask import Config, StableLM, TrainConfig  # noqa: E402
-from test_train import metrics, weights  # noqa: E402
+from conftest import run_metrics, run_weights  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -85,8 +85,8 @@ def runs(tmp_path_factory):
 def test_offloaded_weights_match_a_plain_run(runs):
     out, _ = runs
     initial = load_file(out / "model" / "model.safetensors")
-    plain, offloaded = weights(out / "plain"), weights(out / "offload")
-    for m, ref in zip(metrics(out / "offload"), metrics(out / "plain")):
+    plain, offloaded = run_weights(out / "plain"), run_weights(out / "offload")
+    for m, ref in zip(run_metrics(out / "offload"), run_metrics(out / "plain")):
         assert m["loss"] == pytest.approx(ref["loss"], rel=1e-4)
     for key, w in plain.items():
         torch.testing.assert_close(offloaded[key], w, rtol=1e-4, atol=2e-6)
@@ -96,16 +96,16 @@ def test_offloaded_weights_match_a_plain_run(runs):
 
 def test_offloaded_stop_and_resume_is_bit_exact(runs):
     out, _ = runs
-    straight, resumed = weights(out / "offload"), weights(out / "stopped")
+    straight, resumed = run_weights(out / "offload"), run_weights(out / "stopped")
     for key, w in straight.items():
         assert torch.equal(resumed[key], w), key
-    assert [m["loss"] for m in metrics(out / "stopped")] == [m["loss"] for m in metrics(out / "offload")]
+    assert [m["loss"] for m in run_metrics(out / "stopped")] == [m["loss"] for m in run_metrics(out / "offload")]
 
 
 def test_offloaded_peak_gpu_memory_is_within_the_plan(runs):
     """bf16, 2 micro-batches a step: the whole fp32 gradient accumulates on the GPU, the state stays on the host."""
     out, _ = runs
-    peak = max(m["peak_mem_gb"] for m in metrics(out / "bf16")) * 1e9
+    peak = max(m["peak_mem_gb"] for m in run_metrics(out / "bf16")) * 1e9
     config = model_config(data.embedded_tokenizer())
     plan = remask.sharded_plan(config, 1, remask.PASSES["remask"] * MICRO_BATCH * SEQ_LEN, offload=True,
                                accumulating=True, compute_bytes=2)

@@ -467,7 +467,7 @@ def run_quantize(argv, capsys):
 
 
 def test_a_bad_config_field_is_one_line_naming_config_json(tmp_path, capsys):
-    shutil.copytree(TINY, tmp_path / "src")
+    shutil.copytree(STABLELM_TINY, tmp_path / "src")
     config = json.loads((tmp_path / "src" / "config.json").read_text())
     (tmp_path / "src" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": "2"}))
     code, err = run_quantize([str(tmp_path / "src"), str(tmp_path / "out")], capsys)
@@ -484,7 +484,7 @@ def test_an_unanticipated_exception_is_one_internal_error_line(tmp_path, capsys,
     def bug(args):
         raise ZeroDivisionError("division by zero\nsecond line")
     monkeypatch.setattr(quantize, "_check_args", bug)
-    argv = [str(TINY), str(tmp_path / "out")]
+    argv = [str(STABLELM_TINY), str(tmp_path / "out")]
     monkeypatch.delenv("REMASK_TRACEBACK", raising=False)
     assert run_quantize(argv, capsys) == (1, "error: internal error: ZeroDivisionError: division by zero (set "
                                              "REMASK_TRACEBACK=1 to see the traceback)\n")
