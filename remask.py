@@ -56,7 +56,6 @@ import platform
 import random
 import re
 import resource
-import shutil
 import signal
 import sys
 import threading
