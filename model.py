@@ -750,7 +750,10 @@ def _write_files(model, directory, limit):
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     for file, shard in zip(names, shards):  # one shard at a time on the CPU
         part = {k: tensors[k].detach().cpu().contiguous() for k in shard}
-        save_file(part, directory / file, metadata={"format": "pt"})
+        try:
+            save_file(part, directory / file, metadata={"format": "pt"})
+        except SafetensorError as e:  # its I/O errors (a full disk, a file-size limit) are the OS's
+            raise OSError(f"{directory / file}: cannot be written ({e})") from None
     if n > 1:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
                  "weight_map": {k: file for file, shard in zip(names, shards) for k in shard}}

@@ -1430,7 +1430,10 @@ def write_checkpoint(directory, step, model, tok, optimizer, cfg, data):
 def write_trainer_state(directory, step, cfg, data, **extra):
     rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
            else [], "numpy": np.random.get_state(), "python": random.getstate()}
-    torch.save({"step": step, "config": asdict(cfg), "data": data, "rng": rng, **extra}, directory / "trainer.pt")
+    try:
+        torch.save({"step": step, "config": asdict(cfg), "data": data, "rng": rng, **extra}, directory / "trainer.pt")
+    except RuntimeError as e:  # torch's writer reports a full disk or a file-size limit as a RuntimeError
+        raise OSError(f"{directory / 'trainer.pt'}: cannot be written ({str(e).strip().splitlines()[0]})") from None
 
 
 def is_owned(path, kind) -> bool:

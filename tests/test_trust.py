@@ -13,14 +13,17 @@ import fcntl
 import hashlib
 import json
 import os
+import resource
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
 
 import model as M
 import remask
-from conftest import STABLELM_TINY, quiet, run_cli, tiny_config, write_jsonl
+from conftest import ROOT, STABLELM_TINY, quiet, run_cli, tiny_config, write_jsonl
 
 
 def snapshot(root) -> dict:
@@ -191,6 +194,16 @@ def test_resume_accepts_another_spelling_of_the_same_data(tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     summary = remask.train(replace(cfg, data="./d.jsonl", stop_at=0, resume=True), log=quiet)
     assert summary["step"] == summary["total_steps"] > 2
+
+def test_a_file_size_limit_while_saving_is_one_line_and_leaves_no_temporary(tmp_path):
+    """RLIMIT_FSIZE (ulimit -f) reached by a checkpoint's weights: an OS error naming the file, not an internal one."""
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # noqa: E731
+    run = subprocess.run([sys.executable, str(ROOT / "remask.py"), "train", "--out", str(tmp_path / "run"),
+                          "--n-train", "64", "--max-steps", "2", "--save-every", "1", "--n-eval", "0", "--threads", "1",
+                          "--device", "cpu"], preexec_fn=limit, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and "Traceback" not in run.stderr and "internal error" not in run.stderr
+    assert run.stderr.splitlines()[-1].startswith("error: ") and "cannot be written" in run.stderr
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == [M.OWNER]  # no temporary left
 
 # ----------------------------------------------------------------------------- 7. the last boundary
 
