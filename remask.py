@@ -26,10 +26,11 @@ Part II, what the loop relies on: devices and accounting (MFU, memory), loading 
   1/N slices per rank, sharded checkpoints with torch.distributed.checkpoint), signals, the run directory and the
   run log (train.log, metrics.jsonl, loss.svg).
 Part III, beyond training: held-out evaluation (greedy exact match, teacher-forced loss); compare (every mode x
-  several seeds on the same data and schedule, mean ± std and paired t intervals, results.json and an SVG); using a
+  several seeds on the same data and schedule, mean ± std, paired t intervals, sign tests and the smallest
+  detectable difference, results.json with each run's machine and an SVG; compare-report pools parts); using a
   model (streamed generation, a terminal chat, GSM8K 5-shot strict match and ARC-Challenge 25-shot acc_norm as
   lm-evaluation-harness scores them; prompts and metrics live in data.py); the command line:
-  `python remask.py train|compare|generate|chat|eval --help`.
+  `python remask.py train|compare|compare-report|generate|chat|eval --help`.
 It brings model.py (StableLM), data.py (tokenizer, formats, masking) and quantize.py (LLM.int8) together.
 
 Deliberately left out: temperature in the KL (the card uses 1), a fused matmul + loss kernel (the logits are
