@@ -2545,12 +2545,11 @@ def claim_comparison(out: str, reads: dict):
         raise TrainError("--out is empty: give the comparison's directory (it is never taken to mean the current one)")
     out = Path(out).expanduser()
     check_apart({"--out": out}, reads)
-    record = owner(out) if out.is_dir() else None
-    if out.exists() and (not out.is_dir() or (record or {}).get("remask", "compare") != "compare" or
-                         record is None and any(out.iterdir())):
-        made = f"remask's {record['remask']} directory" if record else "not a comparison remask made"
-        raise TrainError(f"--out {out}: {made}; its files are left alone: choose another --out")
-    if record is None:
+    try:
+        check_replaceable(out, "compare")  # absent, empty, or remask's comparison directory
+    except FileExistsError as e:
+        raise TrainError(f"--out: {e} (choose another --out)") from None
+    if owner(out) is None:
         make_owned(out, "compare")
 
 
